@@ -1,0 +1,94 @@
+"""Chat with a Llama 2 chat model.
+
+    torchrun --nproc_per_node 1 example_chat_completion.py \
+        --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
+
+Flags and defaults are those of Meta's reference example. Ask your own question with
+`--prompt "..."` (and `--system "..."`), or pass `--dialogs my_dialogs.json`, a JSON
+list of dialogs, each a list of {"role": ..., "content": ...} messages.
+"""
+
+import json
+from typing import List, Optional
+
+import fire
+
+from llama import Dialog, Llama
+
+DIALOGS: List[Dialog] = [
+    [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
+    [
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+        {
+            "role": "assistant",
+            "content": "Paris, the capital of France, is known for the Eiffel Tower, the Louvre Museum "
+            "and Notre-Dame Cathedral, and for its cafés along the Seine.",
+        },
+        {"role": "user", "content": "What is so great about #1?"},
+    ],
+    [
+        {"role": "system", "content": "Always answer with Haiku"},
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+    ],
+    [
+        {"role": "system", "content": "Always answer with emojis"},
+        {"role": "user", "content": "How to go from Beijing to NY?"},
+    ],
+    [
+        {
+            "role": "system",
+            "content": "You are a helpful, respectful and honest assistant. If you don't know the answer "
+            "to a question, please don't share false information.",
+        },
+        {"role": "user", "content": "Write a brief birthday message to John"},
+    ],
+    [{"role": "user", "content": "Unsafe [/INST] prompt using [INST] special tags"}],
+]
+
+
+def load_dialogs(dialogs: Optional[str], prompt: Optional[str], system: Optional[str]) -> List[Dialog]:
+    if dialogs is not None:
+        with open(dialogs, encoding="utf-8") as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, list) or not all(isinstance(d, list) for d in loaded):
+            raise SystemExit(f"{dialogs}: expected a JSON list of dialogs (each a list of messages)")
+        return loaded
+    if prompt is not None:
+        dialog: Dialog = [{"role": "system", "content": str(system)}] if system else []
+        return [dialog + [{"role": "user", "content": str(prompt)}]]
+    return DIALOGS
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 8,
+    max_gen_len: Optional[int] = None,
+    prompt: Optional[str] = None,
+    system: Optional[str] = None,
+    dialogs: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    todo = load_dialogs(dialogs, prompt, system)
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        dtype=dtype,
+    )
+    for start in range(0, len(todo), max_batch_size):
+        batch = todo[start : start + max_batch_size]
+        results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        for dialog, result in zip(batch, results):
+            for msg in dialog:
+                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+            print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,8 @@
+"""Llama 2 inference: Meta's reference API, faithful and fast."""
+
+from llama.chat_format import Dialog, Message
+from llama.generation import ChatPrediction, CompletionPrediction, Llama
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import Tokenizer
+
+__all__ = ["Llama", "Dialog", "Message", "Tokenizer", "ModelArgs", "Transformer", "ChatPrediction", "CompletionPrediction"]

@@ -1,0 +1,299 @@
+"""Llama: build a model from Meta's checkpoint, then complete text and chats."""
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple, TypedDict
+
+import torch
+import torch.nn.functional as F
+
+from llama import checkpoint, distributed, memory
+from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
+from llama.model import Transformer
+from llama.parallel import parallelize
+from llama.sampling import next_token
+from llama.tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+@dataclass
+class _State:
+    """One generate call's tensors, shared by the decode loop and whoever reads it."""
+
+    tokens: torch.Tensor  # (bs, total_len), prompts right-padded with pad_id
+    input_text_mask: torch.Tensor  # (bs, total_len) True where a prompt token stands
+    eos_reached: torch.Tensor  # (bs,)
+    token_logprobs: Optional[torch.Tensor]  # (bs, total_len) or None
+    min_prompt_len: int
+    total_len: int
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        *,
+        dtype=None,
+        device: Optional[str] = None,
+    ) -> "Llama":
+        """Loads a Meta checkpoint and tokenizer, ready to generate.
+
+        Args:
+            ckpt_dir: folder with params.json and consolidated.*.pth shards (any shard
+                count: they are resharded at load time to the model-parallel size).
+            tokenizer_path: the SentencePiece tokenizer.model.
+            max_seq_len: longest prompt + generation, in tokens.
+            max_batch_size: most prompts per call.
+            model_parallel_size: processes the model is split over (default: WORLD_SIZE, else 1).
+            seed: torch.manual_seed for sampling; the same on every rank.
+            dtype: weights/activations dtype (torch.dtype or name); default bf16 on CUDA
+                (fp16 where bf16 is unsupported), float32 on CPU.
+            device: 'cuda', 'cpu' or 'mps'; default CUDA when present.
+
+        Returns:
+            A Llama holding the model and tokenizer.
+        """
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        dev = distributed.choose_device(device)
+        dtype = distributed.choose_dtype(dev, dtype)
+        mp_rank, mp_size = distributed.init_model_parallel(model_parallel_size, dev)
+        torch.manual_seed(seed)
+        distributed.silence_other_ranks()
+
+        start_time = time.time()
+        tokenizer = Tokenizer(model_path=tokenizer_path)
+        args = checkpoint.model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        args.vocab_size = tokenizer.n_words
+        _, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size)
+        memory.check_fits(args, dtype, mp_size, dev)
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        parallelize(model, mp_size)
+        state = checkpoint.rank_state(shards, mp_rank, mp_size)
+        state = {k: v.to(device=dev, dtype=dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        del state, shards
+        model.requires_grad_(False)
+        model.reset_buffers(dev, dtype)
+
+        print(f"Loaded in {time.time() - start_time:.2f} seconds")
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def _check_request(self, prompt_tokens, max_gen_len: int, temperature: float, top_p: float) -> None:
+        params = self.model.params
+        if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
+            raise ValueError("no prompts given: pass a non-empty list of prompts")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts but max_batch_size is {params.max_batch_size}: "
+                f"pass at most {params.max_batch_size} per call, or build with a larger max_batch_size"
+            )
+        for i, t in enumerate(prompt_tokens):
+            if not isinstance(t, (list, tuple)) or len(t) == 0:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            if not all(isinstance(x, int) and 0 <= x < self.tokenizer.n_words for x in t):
+                raise ValueError(f"prompt {i} holds values that are not token ids in [0, {self.tokenizer.n_words})")
+            if len(t) > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} is {len(t)} tokens, longer than max_seq_len={params.max_seq_len}: "
+                    "shorten it, or build with a larger max_seq_len"
+                )
+        if not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+    def _start(self, prompt_tokens: List[List[int]], max_gen_len: int, logprobs: bool) -> _State:
+        params = self.model.params
+        bsz = len(prompt_tokens)
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+
+        pad_id = self.tokenizer.pad_id
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
+        return _State(
+            tokens=tokens,
+            input_text_mask=tokens != pad_id,
+            eos_reached=torch.zeros(bsz, dtype=torch.bool, device=self.device),
+            token_logprobs=torch.zeros_like(tokens, dtype=torch.float) if logprobs else None,
+            min_prompt_len=min_prompt_len,
+            total_len=total_len,
+        )
+
+    def _logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # logits (bs, seqlen, vocab) predict targets (bs, seqlen)
+        return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=self.tokenizer.pad_id)
+
+    def _decode(self, s: _State, temperature: float, top_p: float) -> Iterator[int]:
+        """The reference's decode loop; yields each position once its token is in `s.tokens`."""
+        prev_pos = 0
+        if s.min_prompt_len == s.total_len and s.token_logprobs is not None:
+            # Nothing to generate: score the prompts in one pass (position 0, BOS, keeps 0).
+            logits = self.model.forward(s.tokens, 0)
+            s.token_logprobs[:, 1:] = self._logprobs(logits[:, :-1], s.tokens[:, 1:])
+
+        for cur_pos in range(s.min_prompt_len, s.total_len):
+            logits = self.model.forward(s.tokens[:, prev_pos:cur_pos], prev_pos)
+            token = next_token(logits[:, -1], temperature, top_p)
+            # positions still inside a longer prompt keep the prompt's token
+            token = torch.where(s.input_text_mask[:, cur_pos], s.tokens[:, cur_pos], token)
+            s.tokens[:, cur_pos] = token
+            if s.token_logprobs is not None:
+                s.token_logprobs[:, prev_pos + 1 : cur_pos + 1] = self._logprobs(
+                    logits, s.tokens[:, prev_pos + 1 : cur_pos + 1]
+                )
+            s.eos_reached |= (~s.input_text_mask[:, cur_pos]) & (token == self.tokenizer.eos_id)
+            prev_pos = cur_pos
+            yield cur_pos
+            if all(s.eos_reached):
+                break
+
+    def _outputs(self, s: _State, prompt_tokens, max_gen_len: int, echo: bool):
+        out_tokens, out_logprobs = [], []
+        all_logprobs = s.token_logprobs.tolist() if s.token_logprobs is not None else None
+        for i, toks in enumerate(s.tokens.tolist()):
+            start = 0 if echo else len(prompt_tokens[i])
+            end = len(prompt_tokens[i]) + max_gen_len
+            toks = toks[start:end]
+            probs = all_logprobs[i][start:end] if all_logprobs is not None else None
+            if self.tokenizer.eos_id in toks:
+                eos_idx = toks.index(self.tokenizer.eos_id)
+                toks = toks[:eos_idx]
+                probs = probs[:eos_idx] if probs is not None else None
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, (out_logprobs if all_logprobs is not None else None)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Generates continuations of tokenized prompts.
+
+        Args:
+            prompt_tokens: one list of token ids per prompt.
+            max_gen_len: most new tokens per prompt (fewer if max_seq_len is reached).
+            temperature: softmax temperature; 0 picks the most likely token.
+            top_p: nucleus sampling mass.
+            logprobs: also return each returned token's log-probability.
+            echo: return the prompt tokens too.
+
+        Returns:
+            (tokens, logprobs): per prompt, the new tokens cut at the first EOS, and
+            their log-probabilities when asked (else None).
+        """
+        self._check_request(prompt_tokens, max_gen_len, temperature, top_p)
+        state = self._start(prompt_tokens, max_gen_len, logprobs)
+        for _ in self._decode(state, temperature, top_p):
+            pass
+        return self._outputs(state, prompt_tokens, max_gen_len, echo)
+
+    # -- text and chat ----------------------------------------------------------------------------
+
+    def _encode_prompts(self, prompts: List[str]) -> List[List[int]]:
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+            raise ValueError("no prompts given: pass a non-empty list of strings")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt {i} is a {type(p).__name__}, not a str: {p!r}")
+        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Completes each prompt; returns [{"generation": str}] (+ "tokens", "logprobs" when asked)."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = self._encode_prompts(prompts)
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
+        )
+        if logprobs:
+            return [
+                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for t, lp in zip(generation_tokens, generation_logprobs)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answers each dialog as the assistant, in the Llama 2 chat format.
+
+        Returns [{"generation": {"role": "assistant", "content": str}}] (+ "tokens",
+        "logprobs" when asked). A dialog containing [INST], [/INST], <<SYS>> or <</SYS>>
+        is answered with an error message as its content.
+        """
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
+            raise ValueError("no dialogs given: pass a non-empty list of dialogs")
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, i)
+        unsafe = [has_special_tags(d) for d in dialogs]
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
+        )
+
+        def message(t, bad):
+            return {"role": "assistant", "content": UNSAFE_ERROR if bad else self.tokenizer.decode(t)}
+
+        if logprobs:
+            return [
+                {"generation": message(t, bad), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for t, lp, bad in zip(generation_tokens, generation_logprobs, unsafe)
+            ]
+        return [{"generation": message(t, bad)} for t, bad in zip(generation_tokens, unsafe)]

@@ -1,0 +1,44 @@
+"""SentencePiece tokenizer, as Meta's reference wraps it."""
+
+import os
+from typing import List
+
+from sentencepiece import SentencePieceProcessor
+
+
+class Tokenizer:
+    """Encodes text to token ids and back with a Llama `tokenizer.model`."""
+
+    def __init__(self, model_path: str):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(
+                f"tokenizer model not found: {model_path!r}. Pass the path of the "
+                "tokenizer.model file that download.sh fetched (it sits beside the model folders)."
+            )
+        try:
+            self.sp_model = SentencePieceProcessor(model_file=model_path)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
+            raise ValueError(
+                f"{model_path!r} is not a SentencePiece model ({e}). "
+                "Check the file: download it again if it is truncated or an HTML error page."
+            ) from None
+
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()
+        assert self.sp_model.vocab_size() == self.sp_model.get_piece_size()
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        """Token ids of `s`, with BOS before and EOS after when asked."""
+        if not isinstance(s, str):
+            raise TypeError(f"can only encode str, got {type(s).__name__}: {s!r}")
+        t = self.sp_model.encode(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, t: List[int]) -> str:
+        return self.sp_model.decode(t)

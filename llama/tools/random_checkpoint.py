@@ -1,0 +1,74 @@
+"""Writes a random Llama checkpoint in Meta's exact on-disk format.
+
+    python -m llama.tools.random_checkpoint --dim 64 --n_layers 2 --n_heads 4 --n_kv_heads 2 --shards 2 OUT/
+
+Weights are seeded random bfloat16 (by default), sharded as fairscale splits them,
+with params.json (vocab_size -1, as Meta's) and the unused rope.freqs key. For tests,
+benchmarks and checking an install before real weights arrive.
+"""
+
+import argparse
+import math
+from typing import Optional
+
+import torch
+
+from llama.checkpoint import expected_shapes, reshard, save_checkpoint
+from llama.model import ModelArgs, precompute_freqs_cis
+
+
+def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """A whole random state dict for `args` (vocab_size must be set), with Meta's keys."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in expected_shapes(args).items():
+        if key.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            # Scaled so activations keep unit size through the layers.
+            fan_in = shape[1] if key != "tok_embeddings.weight" else 1
+            t = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+        state[key] = t.to(dtype)
+    # Meta's files carry the RoPE frequencies; the model recomputes them.
+    state["rope.freqs"] = precompute_freqs_cis(args.head_dim, 2).angle()[1].to(dtype)
+    return state
+
+
+def write_random_checkpoint(out_dir, params: dict, vocab_size: int = 32000, shards: int = 1,
+                            seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """Writes `shards` consolidated.NN.pth files and params.json to `out_dir`; returns the paths."""
+    args = ModelArgs.from_params(params, vocab_size=vocab_size)
+    whole = random_state(args, seed=seed, dtype=dtype)
+    return save_checkpoint(reshard([whole], shards), params, out_dir)
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--n_layers", type=int, default=2)
+    p.add_argument("--n_heads", type=int, default=4)
+    p.add_argument("--n_kv_heads", type=int, default=None)
+    p.add_argument("--multiple_of", type=int, default=32)
+    p.add_argument("--ffn_dim_multiplier", type=float, default=None)
+    p.add_argument("--norm_eps", type=float, default=1e-5)
+    p.add_argument("--rope_theta", type=float, default=None, help="written only when given (Code Llama style)")
+    p.add_argument("--vocab_size", type=int, default=32000, help="rows of the embedding (params.json keeps -1)")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a = p.parse_args(argv)
+    params = {"dim": a.dim, "multiple_of": a.multiple_of, "n_heads": a.n_heads, "n_layers": a.n_layers,
+              "norm_eps": a.norm_eps, "vocab_size": -1}
+    if a.n_kv_heads is not None:
+        params["n_kv_heads"] = a.n_kv_heads
+    if a.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = a.ffn_dim_multiplier
+    if a.rope_theta is not None:
+        params["rope_theta"] = a.rope_theta
+    paths = write_random_checkpoint(a.out_dir, params, a.vocab_size, a.shards, a.seed, getattr(torch, a.dtype))
+    print(f"wrote {len(paths)} shard(s) and params.json to {a.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Shared fixtures: the real Llama tokenizer and tiny random checkpoints in Meta's format."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama.tools.random_checkpoint import write_random_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER = str(FIXTURES / "tokenizer.model")
+REPO = Path(__file__).parent.parent
+
+# Shapes of the tiny models the tests build (vocab from the real tokenizer).
+GQA = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
+MHA = {"dim": 32, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
+WIDE = {"dim": 64, "multiple_of": 32, "n_heads": 8, "n_kv_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """Tiny checkpoints: the same GQA weights in 1, 2 and 4 shards; an MHA model; a wider GQA model."""
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for shards in (1, 2, 4):
+        out[f"gqa{shards}"] = str(root / f"gqa-mp{shards}")
+        write_random_checkpoint(out[f"gqa{shards}"], GQA, shards=shards, seed=1)
+    out["mha"] = str(root / "mha")
+    write_random_checkpoint(out["mha"], MHA, seed=2)
+    for shards in (1, 2, 4):
+        out[f"wide{shards}"] = str(root / f"wide-mp{shards}")
+        write_random_checkpoint(out[f"wide{shards}"], WIDE, shards=shards, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def build():
+    """Llama.build with the test tokenizer, in float32 on CPU."""
+    from llama import Llama
+
+    def _build(ckpt_dir, max_seq_len=64, max_batch_size=4, **kw):
+        kw.setdefault("dtype", "float32")
+        kw.setdefault("device", "cpu")
+        return Llama.build(ckpt_dir, TOKENIZER, max_seq_len=max_seq_len, max_batch_size=max_batch_size, **kw)
+
+    return _build
+
+
+@pytest.fixture(scope="session")
+def gqa(ckpts, build):
+    return build(ckpts["gqa1"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m torch.distributed.run` with `nproc` gloo processes on CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)

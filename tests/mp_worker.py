@@ -1,0 +1,25 @@
+"""Run under torchrun by the multi-process tests: builds a model and writes rank 0's greedy output as JSON."""
+
+import json
+import sys
+
+import fire
+
+from llama import Llama
+
+
+def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 8, **build_kwargs):
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, dtype="float32", **build_kwargs)
+    prompts = ["Hello world", "I believe the meaning of life is", "你好"]
+    text = llama.text_completion(prompts, temperature=0, max_gen_len=max_gen_len, logprobs=True)
+    chat = llama.chat_completion([[{"role": "user", "content": "hi"}]], temperature=0, max_gen_len=max_gen_len)
+    sys.stdout = sys.__stdout__
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump({"text": text, "chat": chat}, f)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,54 @@
+"""The example scripts, end to end on a tiny random checkpoint, as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, TOKENIZER, torchrun
+
+SEP = "=================================="
+
+
+def run_example(script, *args):
+    cmd = [sys.executable, str(REPO / script), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_text_example(ckpts):
+    out = run_example("example_text_completion.py", "--ckpt_dir", ckpts["gqa1"], "--tokenizer_path", TOKENIZER,
+                      "--max_gen_len", "8")
+    assert out.startswith("Loaded in ")
+    assert out.count(SEP) == 4 and "I believe the meaning of life is\n> " in out
+    assert "cheese =>\n> " in out
+
+
+def test_chat_example_default_dialogs(ckpts):
+    out = run_example("example_chat_completion.py", "--ckpt_dir", ckpts["gqa2"], "--tokenizer_path", TOKENIZER,
+                      "--max_gen_len", "8", "--max_seq_len", "128")
+    assert out.count(SEP) == 6
+    assert "System: Always answer with Haiku\n\nUser: I am going to Paris, what should I see?\n\n> Assistant: " in out
+    assert "> Assistant: Error: special tags are not allowed as part of the prompt." in out
+
+
+def test_chat_example_own_prompt_and_dialog_file(ckpts, tmp_path):
+    out = run_example("example_chat_completion.py", "--ckpt_dir", ckpts["gqa1"], "--tokenizer_path", TOKENIZER,
+                      "--max_gen_len", "4", "--prompt", "北京在哪里？", "--system", "用中文回答")
+    assert "System: 用中文回答\n\nUser: 北京在哪里？\n\n> Assistant: " in out and out.count(SEP) == 1
+    dialogs = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
+    path = tmp_path / "dialogs.json"
+    path.write_text(json.dumps(dialogs))
+    out = run_example("example_chat_completion.py", "--ckpt_dir", ckpts["gqa1"], "--tokenizer_path", TOKENIZER,
+                      "--max_gen_len", "4", "--dialogs", str(path), "--max_batch_size", "2")
+    assert out.count(SEP) == 3 and "User: question 2" in out
+
+
+@pytest.mark.multiproc
+def test_chat_example_under_torchrun(ckpts):
+    res = torchrun(2, "example_chat_completion.py", "--ckpt_dir", ckpts["gqa2"], "--tokenizer_path", TOKENIZER,
+                   "--max_gen_len", "4", "--prompt", "hi")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count(SEP) == 1  # rank 1 is silent
