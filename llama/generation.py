@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from llama import checkpoint, distributed, memory
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
+from llama.fast import FaithfulDecoder, FastDecoder
 from llama.model import Transformer
 from llama.parallel import parallelize
 from llama.sampling import next_token
@@ -51,6 +52,8 @@ class Llama:
         *,
         dtype=None,
         device: Optional[str] = None,
+        fast: Optional[bool] = None,
+        compile: Optional[bool] = None,
     ) -> "Llama":
         """Loads a Meta checkpoint and tokenizer, ready to generate.
 
@@ -65,6 +68,9 @@ class Llama:
             dtype: weights/activations dtype (torch.dtype or name); default bf16 on CUDA
                 (fp16 where bf16 is unsupported), float32 on CPU.
             device: 'cuda', 'cpu' or 'mps'; default CUDA when present.
+            fast: decode with the fast path (static cache, fused projections, CUDA graphs);
+                default on CUDA. False runs the reference's forward pass.
+            compile: torch.compile the fast path's per-layer pieces; default on CUDA.
 
         Returns:
             A Llama holding the model and tokenizer.
@@ -97,11 +103,15 @@ class Llama:
         model.reset_buffers(dev, dtype)
 
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer)
+        if fast is None:
+            fast = dev.type == "cuda"
+        decoder = FastDecoder(model, compile=compile) if fast else None
+        return Llama(model, tokenizer, decoder)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, decoder=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.decoder = decoder if decoder is not None else FaithfulDecoder(model)
 
     @property
     def device(self) -> torch.device:
@@ -162,13 +172,15 @@ class Llama:
     def _decode(self, s: _State, temperature: float, top_p: float) -> Iterator[int]:
         """The reference's decode loop; yields each position once its token is in `s.tokens`."""
         prev_pos = 0
-        if s.min_prompt_len == s.total_len and s.token_logprobs is not None:
+        all_logits = s.token_logprobs is not None
+        if s.min_prompt_len == s.total_len and all_logits:
             # Nothing to generate: score the prompts in one pass (position 0, BOS, keeps 0).
-            logits = self.model.forward(s.tokens, 0)
+            logits = self.decoder(s.tokens, 0, True)
             s.token_logprobs[:, 1:] = self._logprobs(logits[:, :-1], s.tokens[:, 1:])
 
-        for cur_pos in range(s.min_prompt_len, s.total_len):
-            logits = self.model.forward(s.tokens[:, prev_pos:cur_pos], prev_pos)
+        sync_every = self.decoder.sync_every
+        for step, cur_pos in enumerate(range(s.min_prompt_len, s.total_len), start=1):
+            logits = self.decoder(s.tokens[:, prev_pos:cur_pos], prev_pos, all_logits)
             token = next_token(logits[:, -1], temperature, top_p)
             # positions still inside a longer prompt keep the prompt's token
             token = torch.where(s.input_text_mask[:, cur_pos], s.tokens[:, cur_pos], token)
@@ -180,7 +192,7 @@ class Llama:
             s.eos_reached |= (~s.input_text_mask[:, cur_pos]) & (token == self.tokenizer.eos_id)
             prev_pos = cur_pos
             yield cur_pos
-            if all(s.eos_reached):
+            if step % sync_every == 0 and bool(s.eos_reached.all()):  # a host sync: not every step on GPU
                 break
 
     def _outputs(self, s: _State, prompt_tokens, max_gen_len: int, echo: bool):

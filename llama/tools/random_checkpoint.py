@@ -17,18 +17,19 @@ from llama.checkpoint import expected_shapes, reshard, save_checkpoint
 from llama.model import ModelArgs, precompute_freqs_cis
 
 
-def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+def random_tensor(key: str, shape, gen: torch.Generator, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """A random weight for `key`, scaled so activations keep unit size through the layers."""
+    if key.endswith("norm.weight"):
+        return (1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+    fan_in = shape[1] if key != "tok_embeddings.weight" else 1
+    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32 if device == "cpu" else dtype)
+    return t.div_(math.sqrt(fan_in)).to(dtype)
+
+
+def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu"):
     """A whole random state dict for `args` (vocab_size must be set), with Meta's keys."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in expected_shapes(args).items():
-        if key.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        else:
-            # Scaled so activations keep unit size through the layers.
-            fan_in = shape[1] if key != "tok_embeddings.weight" else 1
-            t = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
-        state[key] = t.to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {key: random_tensor(key, shape, gen, dtype, device) for key, shape in expected_shapes(args).items()}
     # Meta's files carry the RoPE frequencies; the model recomputes them.
     state["rope.freqs"] = precompute_freqs_cis(args.head_dim, 2).angle()[1].to(dtype)
     return state

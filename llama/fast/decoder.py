@@ -1,0 +1,126 @@
+"""Decoders: what `Llama.generate` calls to turn the next tokens into logits.
+
+`FaithfulDecoder` is the reference's `model.forward(tokens, start_pos)`.
+`FastDecoder` runs `FastForward` and, on CUDA, replays one CUDA graph per
+(batch size, KV length bucket) for single-token decode steps, with the per-layer
+pieces compiled by torch.compile.
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from llama.distributed import is_rank_zero
+from llama.fast.forward import FastForward
+from llama.model import Transformer
+
+
+class FaithfulDecoder:
+    """The reference's forward pass; EOS is checked after every step."""
+
+    sync_every = 1
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
+        return self.model.forward(tokens, start_pos)
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    tokens: torch.Tensor  # (bs, 1) static input
+    pos: torch.Tensor  # (1,) static input
+    logits: torch.Tensor  # (bs, 1, vocab) static output
+
+
+def _compiler():
+    """torch.compile for the per-layer pieces; one compiled piece serves every layer."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one compile per layer shape, not per layer
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return lambda fn: torch.compile(fn, fullgraph=True)
+
+
+class FastDecoder:
+    """Static-shape decoding on the model's own cache; CUDA graphs and compilation on GPU."""
+
+    def __init__(self, model: Transformer, compile: Optional[bool] = None, cuda_graphs: Optional[bool] = None):
+        self.device = model.output.weight.device
+        on_cuda = self.device.type == "cuda"
+        self.compile = on_cuda if compile is None else compile
+        self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.forward = FastForward(model, _compiler() if self.compile else None)
+        self.max_seq_len = model.params.max_seq_len
+        self.sync_every = 16 if on_cuda else 1  # host syncs for the all-EOS check
+        self.graphs: Dict[Tuple[int, int], _Graph] = {}
+        self._pool = None
+        self.compile_seconds = 0.0
+
+    def kv_bucket(self, length: int) -> int:
+        """Cache length a step at `length` attends over: a power of two >= 256, at most max_seq_len."""
+        bucket = 256
+        while bucket < length:
+            bucket *= 2
+        return min(bucket, self.max_seq_len)
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
+        bs, seqlen = tokens.shape
+        if seqlen == 1 and self.cuda_graphs:
+            return self._replay(tokens, start_pos)
+        pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+        if start_pos == 0:
+            return self.forward(tokens, pos, seqlen, causal_from_zero=True, last_only=not all_logits)
+        kv_len = self.kv_bucket(start_pos + seqlen)
+        return self.forward(tokens, pos, kv_len, causal_from_zero=False, last_only=not all_logits)
+
+    def _replay(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        key = (tokens.shape[0], self.kv_bucket(start_pos + 1))
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(*key, start_pos)
+        g.tokens.copy_(tokens)
+        g.pos.fill_(start_pos)
+        g.graph.replay()
+        return g.logits
+
+    def _capture(self, bs: int, kv_len: int, start_pos: int) -> _Graph:
+        """Records a decode step. Warm-up runs write only cache position `start_pos`, which the
+        real step overwrites before anything reads it."""
+        tokens = torch.zeros((bs, 1), dtype=torch.long, device=self.device)
+        pos = torch.full((1,), start_pos, dtype=torch.long, device=self.device)
+        first = not self.graphs
+        t0 = time.time()
+        if first and self.compile and is_rank_zero():
+            print("compiling the decode step...", end=" ", flush=True, file=sys.stderr)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.forward(tokens, pos, kv_len, causal_from_zero=False, last_only=True)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.forward(tokens, pos, kv_len, causal_from_zero=False, last_only=True)
+        self._pool = graph.pool()
+        torch.cuda.synchronize(self.device)
+        self.compile_seconds += time.time() - t0
+        if first and self.compile and is_rank_zero():
+            print(f"done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+        return _Graph(graph, tokens, pos, logits)
+
+    def warmup(self, batch_sizes=(1,)) -> float:
+        """Compiles and captures decode steps ahead of the first request; returns seconds spent."""
+        if not self.cuda_graphs:
+            return 0.0
+        t0 = time.time()
+        for bs in batch_sizes:
+            key = (bs, self.kv_bucket(1))
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(bs, key[1], start_pos=0)
+        return time.time() - t0

@@ -1,0 +1,147 @@
+"""The fast forward pass: the same model and weights, computed for speed.
+
+Differences from `Transformer.forward`, none of which change the function computed:
+- wq/wk/wv and w1/w3 are fused into one matrix each (`fuse_projections`); the
+  original weights become views of the fused ones, so memory does not grow and
+  the faithful forward keeps working;
+- RoPE with real cos/sin tables (complex numbers do not compile);
+- the KV cache is the model's own, written at a position tensor and read up to a
+  fixed length, so shapes are static and a decode step can be a CUDA graph;
+- attention through `scaled_dot_product_attention` (flash kernels on GPU).
+"""
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama.model import Transformer, TransformerBlock
+
+_HAS_GQA_SDPA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def fuse_projections(model: Transformer) -> None:
+    """Gives each layer `attention.wqkv` and `feed_forward.w13`; the old weights become views of them."""
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        if hasattr(attn, "wqkv"):
+            continue
+        attn.wqkv = _fuse([attn.wq, attn.wk, attn.wv])
+        ffn.w13 = _fuse([ffn.w1, ffn.w3])
+
+
+def _fuse(linears) -> torch.Tensor:
+    fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+def rope_tables(model: Transformer) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(positions, head_dim // 2) float32 cos and sin of the model's RoPE angles."""
+    return model.freqs_cis.real.contiguous(), model.freqs_cis.imag.contiguous()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (bs, seqlen, heads, head_dim) rotated by (seqlen, head_dim // 2) tables, as in apply_rotary_emb."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (bs, seqlen, heads, head_dim // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+def attention_inputs(
+    layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, fused q/k/v projection and RoPE: (bs, seqlen, heads, head_dim) each."""
+    attn = layer.attention
+    bs, seqlen, _ = h.shape
+    x = layer.attention_norm(h)
+    q_size = attn.n_local_heads * attn.head_dim
+    kv_size = attn.n_local_kv_heads * attn.head_dim
+    xq, xk, xv = F.linear(x, attn.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+    xq = apply_rope(xq.view(bs, seqlen, attn.n_local_heads, attn.head_dim), cos, sin)
+    xk = apply_rope(xk.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim), cos, sin)
+    return xq, xk, xv.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim)
+
+
+def block_output(layer: TransformerBlock, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """Attention output projection and residual, then the SwiGLU feed-forward and residual."""
+    bs, seqlen = h.shape[:2]
+    h = h + layer.attention.wo(attn_out.transpose(1, 2).reshape(bs, seqlen, -1))
+    ffn = layer.feed_forward
+    gate, up = F.linear(layer.ffn_norm(h), ffn.w13).chunk(2, dim=-1)
+    return h + ffn.w2(F.silu(gate) * up)
+
+
+def attend(
+    layer: TransformerBlock,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int,
+    mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Writes k/v into the cache at `input_pos`, attends over cache positions [0, kv_len).
+
+    mask None means causal from position 0 (a prefill); returns (bs, heads, seqlen, head_dim).
+    """
+    attn = layer.attention
+    bs = xq.shape[0]
+    cache_k, cache_v = attn.cache_k[:bs], attn.cache_v[:bs]  # (bs, max_seq_len, kv_heads, head_dim)
+    cache_k.index_copy_(1, input_pos, xk)
+    cache_v.index_copy_(1, input_pos, xv)
+    keys = cache_k[:, :kv_len].transpose(1, 2)  # (bs, kv_heads, kv_len, head_dim)
+    values = cache_v[:, :kv_len].transpose(1, 2)
+    q = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
+    if not _HAS_GQA_SDPA and attn.n_rep > 1:
+        keys = keys.repeat_interleave(attn.n_rep, dim=1)
+        values = values.repeat_interleave(attn.n_rep, dim=1)
+    kwargs = {"enable_gqa": attn.n_rep > 1} if _HAS_GQA_SDPA else {}
+    if mask is None:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, **kwargs)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **kwargs)
+
+
+class FastForward:
+    """tokens (bs, seqlen) at positions `input_pos` -> float32 logits, on the model's own cache.
+
+    `compile_fn` (e.g. torch.compile) is applied to the per-layer pieces around attention;
+    one compiled piece serves every layer.
+    """
+
+    def __init__(self, model: Transformer, compile_fn: Optional[Callable] = None):
+        fuse_projections(model)
+        self.model = model
+        self.cos, self.sin = rope_tables(model)
+        wrap = compile_fn or (lambda f: f)
+        self.attention_inputs = wrap(attention_inputs)
+        self.block_output = wrap(block_output)
+        self.final = wrap(lambda h: model.output(model.norm(h)).float())
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
+                 causal_from_zero: bool, last_only: bool) -> torch.Tensor:
+        """Logits (bs, seqlen, vocab), or (bs, 1, vocab) for the last position when `last_only`.
+
+        causal_from_zero: the tokens are positions 0..seqlen-1 (a prefill); otherwise each
+        token sees the cache up to its own position.
+        """
+        model = self.model
+        h = model.tok_embeddings(tokens)
+        cos, sin = self.cos[input_pos], self.sin[input_pos]
+        mask = None
+        if not causal_from_zero:
+            # (1, 1, seqlen, kv_len): position j visible to the token at input_pos[i] iff j <= input_pos[i]
+            mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None])[None, None]
+        for layer in model.layers:
+            xq, xk, xv = self.attention_inputs(layer, h, cos, sin)
+            out = attend(layer, xq, xk, xv, input_pos, kv_len, mask)
+            h = self.block_output(layer, h, out)
+        if last_only:
+            h = h[:, -1:]
+        return self.final(h)
