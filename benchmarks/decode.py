@@ -19,6 +19,7 @@ import torch
 
 from llama import Llama, ModelArgs, Transformer
 from llama.fast import FaithfulDecoder, FastDecoder
+from llama.fast.agreement import greedy_agreement
 from llama.memory import param_count
 from llama.tools.random_checkpoint import random_tensor
 from llama.tokenizer import Tokenizer
@@ -107,7 +108,9 @@ def bench_path(name, model, tokenizer, decoder, batch_sizes, weight_bytes, bandw
     if isinstance(decoder, FastDecoder):
         warm, _ = sync_time(lambda: decoder.warmup((1,)))
     greedy = decode_rates(llama, batch_sizes, 0.0)
+    print(name, "greedy", {bs: round(r[0], 1) for bs, r in greedy.items()}, flush=True)
     sampled = decode_rates(llama, batch_sizes, 0.6)
+    print(name, "sampled", {bs: round(r[0], 1) for bs, r in sampled.items()}, flush=True)
     row = {
         "path": name,
         "greedy_tok_s": {bs: r[0] for bs, r in greedy.items()},
@@ -151,8 +154,15 @@ def main():
     # Ours: bf16, fast path.
     args.max_seq_len, args.max_batch_size = 256, max(batch_sizes)
     model = random_model(args, torch.bfloat16)
-    rows.append(bench_path("fast (bf16, compiled, CUDA graphs)", model, tokenizer, FastDecoder(model), batch_sizes,
+    fast_decoder = FastDecoder(model)
+    rows.append(bench_path("fast (bf16, compiled, CUDA graphs)", model, tokenizer, fast_decoder, batch_sizes,
                            weight_bytes, bandwidth))
+    # Same bf16 weights, faithful forward vs fast path, fed the same 240 tokens.
+    faithful = Llama(model, tokenizer, FaithfulDecoder(model))
+    seq, _ = faithful.generate([list(range(1000, 1000 + PROMPT_LEN))], max_gen_len=240, temperature=0, echo=True)
+    agree = greedy_agreement(faithful.decoder, fast_decoder, torch.tensor(seq, device="cuda"), PROMPT_LEN)
+    rows[-1]["bf16_agreement"] = agree
+    print(f"bf16 teacher-forced greedy agreement over 240 positions, fast vs faithful: {agree:.3f}", flush=True)
     args.max_seq_len, args.max_batch_size = PREFILL_LEN + 48, 1
     model.reset_buffers(torch.device("cuda"), torch.bfloat16)
     rows[-1]["prefill_ms"] = prefill_seconds(Llama(model, tokenizer, FastDecoder(model, compile=False))) * 1e3

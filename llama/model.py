@@ -138,8 +138,9 @@ class Attention(nn.Module):
         shape = (self.max_batch_size, self.max_seq_len, self.n_local_kv_heads, self.head_dim)
         return torch.zeros(shape, **kwargs)
 
-    def reset_cache(self, device: torch.device, dtype: torch.dtype) -> None:
-        """(Re)allocates the KV cache, zeroed, on `device` in `dtype`."""
+    def reset_cache(self, device: torch.device, dtype: torch.dtype, max_batch_size: int, max_seq_len: int) -> None:
+        """(Re)allocates the KV cache, zeroed, on `device` in `dtype`, for the given sizes."""
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.cache_k = self._empty_cache(device=device, dtype=dtype)
         self.cache_v = self._empty_cache(device=device, dtype=dtype)
 
@@ -237,11 +238,12 @@ class Transformer(nn.Module):
         return precompute_freqs_cis(p.head_dim, p.max_seq_len * 2, p.rope_theta)
 
     def reset_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Allocates the RoPE table and empty KV caches; used after loading onto `device`."""
+        """Allocates the RoPE table and empty KV caches for `params`' current max_batch_size and
+        max_seq_len; used after loading onto `device`."""
         with torch.device(device):
             self.freqs_cis = self._freqs_cis()
         for layer in self.layers:
-            layer.attention.reset_cache(device, dtype)
+            layer.attention.reset_cache(device, dtype, self.params.max_batch_size, self.params.max_seq_len)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
