@@ -129,7 +129,10 @@ def main():
     p.add_argument("--batch_sizes", default="1,8,32,64")
     p.add_argument("--tokenizer", default="tests/fixtures/tokenizer.model")
     p.add_argument("--json", default=None)
+    p.add_argument("--paths", default="reference,fast", help="which paths to measure")
+    p.add_argument("--compile", default="default", choices=["default", "max-autotune"], help="fast path compile mode")
     a = p.parse_args()
+    paths = a.paths.split(",")
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     tokenizer = no_eos(Tokenizer(a.tokenizer))
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -140,22 +143,26 @@ def main():
     weight_bytes = param_count(args) * 2
     rows = []
 
-    # Reference-style: fp16, the faithful forward (dynamic cache slices), EOS check every step.
-    model = random_model(args, torch.float16)
-    rows.append(bench_path("reference-style (fp16 eager)", model, tokenizer, FaithfulDecoder(model), batch_sizes,
-                           weight_bytes, bandwidth))
-    args.max_seq_len, args.max_batch_size = PREFILL_LEN + 48, 1
-    model.reset_buffers(torch.device("cuda"), torch.float16)
-    rows[-1]["prefill_ms"] = prefill_seconds(Llama(model, tokenizer, FaithfulDecoder(model))) * 1e3
-    print(json.dumps(rows[-1]), flush=True)
-    del model
-    torch.cuda.empty_cache()
+    if "reference" in paths:
+        # Reference-style: fp16, the faithful forward (dynamic cache slices), EOS check every step.
+        model = random_model(args, torch.float16)
+        rows.append(bench_path("reference-style (fp16 eager)", model, tokenizer, FaithfulDecoder(model), batch_sizes,
+                               weight_bytes, bandwidth))
+        args.max_seq_len, args.max_batch_size = PREFILL_LEN + 48, 1
+        model.reset_buffers(torch.device("cuda"), torch.float16)
+        rows[-1]["prefill_ms"] = prefill_seconds(Llama(model, tokenizer, FaithfulDecoder(model))) * 1e3
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    if "fast" not in paths:
+        return
 
     # Ours: bf16, fast path.
     args.max_seq_len, args.max_batch_size = 256, max(batch_sizes)
     model = random_model(args, torch.bfloat16)
-    fast_decoder = FastDecoder(model)
-    rows.append(bench_path("fast (bf16, compiled, CUDA graphs)", model, tokenizer, fast_decoder, batch_sizes,
+    fast_decoder = FastDecoder(model, compile=True if a.compile == "default" else a.compile)
+    label = "fast (bf16, compiled, CUDA graphs)" if a.compile == "default" else f"fast (bf16, {a.compile}, CUDA graphs)"
+    rows.append(bench_path(label, model, tokenizer, fast_decoder, batch_sizes,
                            weight_bytes, bandwidth))
     # Same bf16 weights, faithful forward vs fast path, fed the same 240 tokens.
     faithful = Llama(model, tokenizer, FaithfulDecoder(model))
@@ -165,10 +172,8 @@ def main():
     print(f"bf16 teacher-forced greedy agreement over 240 positions, fast vs faithful: {agree:.3f}", flush=True)
     args.max_seq_len, args.max_batch_size = PREFILL_LEN + 48, 1
     model.reset_buffers(torch.device("cuda"), torch.bfloat16)
-    rows[-1]["prefill_ms"] = prefill_seconds(Llama(model, tokenizer, FastDecoder(model, compile=False))) * 1e3
+    rows[-1]["prefill_ms"] = prefill_seconds(Llama(model, tokenizer, fast_decoder)) * 1e3
     print(json.dumps(rows[-1]), flush=True)
-
-    ref, fast = rows
     print()
     print(f"{a.model} on {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"weights {weight_bytes / 1e9:.1f} GB -> limit {bandwidth / weight_bytes:.0f} tok/s at batch 1")
@@ -181,8 +186,10 @@ def main():
         pct = f"{r['bs1_pct_of_limit']:.0f}%" if r["bs1_pct_of_limit"] else "-"
         print(f"| {r['path']} | " + " | ".join(cells)
               + f" | {pct} | {r['ttft_ms']:.1f} | {r['prefill_ms']:.0f} | {r['compile_warmup_s']:.1f} | {r['peak_gib']:.1f} |")
-    ratios = " | ".join(f"bs {bs}: {fast['greedy_tok_s'][bs] / ref['greedy_tok_s'][bs]:.1f}x" for bs in batch_sizes)
-    print(f"| speed-up (greedy) | {ratios} |")
+    if len(rows) == 2:
+        ref, fast = rows
+        ratios = " | ".join(f"bs {bs}: {fast['greedy_tok_s'][bs] / ref['greedy_tok_s'][bs]:.1f}x" for bs in batch_sizes)
+        print(f"| speed-up (greedy) | {ratios} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "bandwidth": bandwidth, "rows": rows}, f, indent=1)

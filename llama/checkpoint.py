@@ -228,7 +228,14 @@ def open_checkpoint(ckpt_dir, args: ModelArgs, world_size: int):
 
 def rank_state(shards: Sequence[StateDict], rank: int, world_size: int) -> StateDict:
     """This rank's state dict (without the unused keys), resharding from any shard count."""
-    return {k: rank_tensor(k, shards, rank, world_size) for k in shards[0] if k not in UNUSED_KEYS}
+    return dict(iter_rank_state(shards, rank, world_size))
+
+
+def iter_rank_state(shards: Sequence[StateDict], rank: int, world_size: int):
+    """(key, tensor) pairs of this rank's state, each cut from the shards only when asked for."""
+    for k in shards[0]:
+        if k not in UNUSED_KEYS:
+            yield k, rank_tensor(k, shards, rank, world_size)
 
 
 def save_checkpoint(shards: Sequence[StateDict], params: dict, out_dir) -> List[Path]:

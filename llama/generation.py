@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from llama import checkpoint, distributed, memory
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
 from llama.fast import FaithfulDecoder, FastDecoder
+from llama.loading import load_to_device
 from llama.model import Transformer
 from llama.parallel import parallelize
 from llama.sampling import next_token
@@ -95,8 +96,7 @@ class Llama:
         with torch.device("meta"):
             model = Transformer(args)
         parallelize(model, mp_size)
-        state = checkpoint.rank_state(shards, mp_rank, mp_size)
-        state = {k: v.to(device=dev, dtype=dtype) for k, v in state.items()}
+        state = load_to_device(checkpoint.iter_rank_state(shards, mp_rank, mp_size), dev, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         del state, shards
         model.requires_grad_(False)

@@ -132,3 +132,12 @@ def test_cuda_graph_bf16_agreement(ckpts):
     rate = greedy_agreement(faithful.decoder, fast, tokens, prompt_len=3)
     print(f"bf16 teacher-forced greedy agreement, fast vs faithful: {rate:.3f}")
     assert rate > 0.9
+
+
+def test_reallocated_caches_are_picked_up(ckpts, build):
+    faithful = build(ckpts["gqa1"], max_seq_len=64)
+    fast = Llama(faithful.model, faithful.tokenizer, FastDecoder(faithful.model))
+    want = faithful.text_completion(PROMPTS, temperature=0, max_gen_len=20)
+    faithful.model.params.max_batch_size = 2
+    faithful.model.reset_buffers(torch.device("cpu"), torch.float32)
+    assert fast.text_completion(PROMPTS[:2], temperature=0, max_gen_len=20) == want[:2]

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from llama.distributed import is_rank_zero
-from llama.fast.forward import FastForward
+from llama.fast.forward import FastForward, join_kv_caches
 from llama.model import Transformer
 
 
@@ -38,24 +38,31 @@ class _Graph:
     logits: torch.Tensor  # (bs, 1, vocab) static output
 
 
-def _compiler():
+COMPILE_MODES = {True: None, "default": None, "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def _compiler(mode):
     """torch.compile for the per-layer pieces; one compiled piece serves every layer."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or 'max-autotune', got {mode!r}")
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # one compile per layer shape, not per layer
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    return lambda fn: torch.compile(fn, fullgraph=True)
+    return lambda fn: torch.compile(fn, fullgraph=True, mode=COMPILE_MODES[mode])
 
 
 class FastDecoder:
     """Static-shape decoding on the model's own cache; CUDA graphs and compilation on GPU."""
 
-    def __init__(self, model: Transformer, compile: Optional[bool] = None, cuda_graphs: Optional[bool] = None):
+    def __init__(self, model: Transformer, compile=None, cuda_graphs: Optional[bool] = None):
+        """compile: True, False or 'max-autotune' (longer warm-up); default True on CUDA."""
         self.device = model.output.weight.device
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
-        self.forward = FastForward(model, _compiler() if self.compile else None)
+        self.forward = FastForward(model, _compiler(self.compile) if self.compile else None)
+        self.model = model
         self.max_seq_len = model.params.max_seq_len
         self.sync_every = 16 if on_cuda else 1  # host syncs for the all-EOS check
         self.graphs: Dict[Tuple[int, int], _Graph] = {}
@@ -69,8 +76,17 @@ class FastDecoder:
             bucket *= 2
         return min(bucket, self.max_seq_len)
 
+    def _check_caches(self) -> None:
+        """Graphs point at the cache memory: if the model's caches were reallocated, start over."""
+        attn = self.model.layers[0].attention
+        if attn.cache_k.data_ptr() != attn.cache_kv[0].data_ptr():
+            join_kv_caches(self.model)
+            self.graphs.clear()
+
     def __call__(self, tokens: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
         bs, seqlen = tokens.shape
+        if start_pos == 0:
+            self._check_caches()
         if seqlen == 1 and self.cuda_graphs:
             return self._replay(tokens, start_pos)
         pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
@@ -115,10 +131,14 @@ class FastDecoder:
         return _Graph(graph, tokens, pos, logits)
 
     def warmup(self, batch_sizes=(1,)) -> float:
-        """Compiles and captures decode steps ahead of the first request; returns seconds spent."""
+        """Compiles prefill (for any length) and captures decode steps ahead of the first
+        request; returns seconds spent."""
         if not self.cuda_graphs:
             return 0.0
         t0 = time.time()
+        for length in (16, 17):  # a second length makes the compiled prefill length-generic
+            tokens = torch.zeros((1, length), dtype=torch.long, device=self.device)
+            self(tokens, 0, False)
         for bs in batch_sizes:
             key = (bs, self.kv_bucket(1))
             if key not in self.graphs:

@@ -5,8 +5,9 @@ Differences from `Transformer.forward`, none of which change the function comput
   original weights become views of the fused ones, so memory does not grow and
   the faithful forward keeps working;
 - RoPE with real cos/sin tables (complex numbers do not compile);
-- the KV cache is the model's own, written at a position tensor and read up to a
-  fixed length, so shapes are static and a decode step can be a CUDA graph;
+- the KV cache is the model's own (its k and v halves joined into one tensor, so one
+  kernel writes both), written at a position tensor and read up to a fixed length, so
+  shapes are static and a decode step can be a CUDA graph;
 - attention through `scaled_dot_product_attention` (flash kernels on GPU).
 """
 
@@ -40,6 +41,18 @@ def _fuse(linears) -> torch.Tensor:
     return fused
 
 
+def join_kv_caches(model: Transformer) -> None:
+    """Makes each layer's cache_k and cache_v the two halves of one `cache_kv` tensor
+    (2, max_batch_size, max_seq_len, kv_heads, head_dim), unless they already are."""
+    for layer in model.layers:
+        attn = layer.attention
+        kv = getattr(attn, "cache_kv", None)
+        if kv is not None and attn.cache_k.data_ptr() == kv[0].data_ptr() and attn.cache_v.data_ptr() == kv[1].data_ptr():
+            continue
+        kv = torch.stack([attn.cache_k, attn.cache_v])
+        attn.cache_kv, attn.cache_k, attn.cache_v = kv, kv[0], kv[1]
+
+
 def rope_tables(model: Transformer) -> Tuple[torch.Tensor, torch.Tensor]:
     """(positions, head_dim // 2) float32 cos and sin of the model's RoPE angles."""
     return model.freqs_cis.real.contiguous(), model.freqs_cis.imag.contiguous()
@@ -56,8 +69,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def attention_inputs(
     layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm, fused q/k/v projection and RoPE: (bs, seqlen, heads, head_dim) each."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Norm, fused q/k/v projection and RoPE: q (bs, seqlen, heads, head_dim) and
+    k, v stacked (2, bs, seqlen, kv_heads, head_dim)."""
     attn = layer.attention
     bs, seqlen, _ = h.shape
     x = layer.attention_norm(h)
@@ -66,7 +80,7 @@ def attention_inputs(
     xq, xk, xv = F.linear(x, attn.wqkv).split([q_size, kv_size, kv_size], dim=-1)
     xq = apply_rope(xq.view(bs, seqlen, attn.n_local_heads, attn.head_dim), cos, sin)
     xk = apply_rope(xk.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim), cos, sin)
-    return xq, xk, xv.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim)
+    return xq, torch.stack([xk, xv.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim)])
 
 
 def block_output(layer: TransformerBlock, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -81,23 +95,22 @@ def block_output(layer: TransformerBlock, h: torch.Tensor, attn_out: torch.Tenso
 def attend(
     layer: TransformerBlock,
     xq: torch.Tensor,
-    xk: torch.Tensor,
-    xv: torch.Tensor,
+    kv: torch.Tensor,
     input_pos: torch.Tensor,
     kv_len: int,
     mask: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Writes k/v into the cache at `input_pos`, attends over cache positions [0, kv_len).
 
-    mask None means causal from position 0 (a prefill); returns (bs, heads, seqlen, head_dim).
+    mask None means causal from position 0 (a prefill); else an additive (1, 1, seqlen, kv_len)
+    mask. Returns (bs, heads, seqlen, head_dim).
     """
     attn = layer.attention
     bs = xq.shape[0]
-    cache_k, cache_v = attn.cache_k[:bs], attn.cache_v[:bs]  # (bs, max_seq_len, kv_heads, head_dim)
-    cache_k.index_copy_(1, input_pos, xk)
-    cache_v.index_copy_(1, input_pos, xv)
-    keys = cache_k[:, :kv_len].transpose(1, 2)  # (bs, kv_heads, kv_len, head_dim)
-    values = cache_v[:, :kv_len].transpose(1, 2)
+    cache = attn.cache_kv[:, :bs]  # (2, bs, max_seq_len, kv_heads, head_dim)
+    cache.index_copy_(2, input_pos, kv)
+    keys = cache[0, :, :kv_len].transpose(1, 2)  # (bs, kv_heads, kv_len, head_dim)
+    values = cache[1, :, :kv_len].transpose(1, 2)
     q = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
     if not _HAS_GQA_SDPA and attn.n_rep > 1:
         keys = keys.repeat_interleave(attn.n_rep, dim=1)
@@ -117,6 +130,7 @@ class FastForward:
 
     def __init__(self, model: Transformer, compile_fn: Optional[Callable] = None):
         fuse_projections(model)
+        join_kv_caches(model)
         self.model = model
         self.cos, self.sin = rope_tables(model)
         wrap = compile_fn or (lambda f: f)
@@ -137,10 +151,12 @@ class FastForward:
         mask = None
         if not causal_from_zero:
             # (1, 1, seqlen, kv_len): position j visible to the token at input_pos[i] iff j <= input_pos[i]
-            mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None])[None, None]
+            visible = torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None]
+            mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
+            mask = mask[None, None]
         for layer in model.layers:
-            xq, xk, xv = self.attention_inputs(layer, h, cos, sin)
-            out = attend(layer, xq, xk, xv, input_pos, kv_len, mask)
+            xq, kv = self.attention_inputs(layer, h, cos, sin)
+            out = attend(layer, xq, kv, input_pos, kv_len, mask)
             h = self.block_output(layer, h, out)
         if last_only:
             h = h[:, -1:]
