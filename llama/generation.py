@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llama import checkpoint, distributed, memory
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
 from llama.fast import FaithfulDecoder, FastDecoder
-from llama.loading import load_to_device
+from llama.loading import load_rank
 from llama.model import Transformer
 from llama.parallel import parallelize
 from llama.sampling import next_token
@@ -90,13 +90,13 @@ class Llama:
         tokenizer = Tokenizer(model_path=tokenizer_path)
         args = checkpoint.model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         args.vocab_size = tokenizer.n_words
-        _, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size)
+        paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size)
         memory.check_fits(args, dtype, mp_size, dev)
 
         with torch.device("meta"):
             model = Transformer(args)
         parallelize(model, mp_size)
-        state = load_to_device(checkpoint.iter_rank_state(shards, mp_rank, mp_size), dev, dtype)
+        state = load_rank(paths, shards, mp_rank, mp_size, dev, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         del state, shards
         model.requires_grad_(False)

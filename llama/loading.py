@@ -5,11 +5,17 @@ buffer, the CPU (torch's multithreaded copy, which also pages the file in) fills
 other. Host memory stays at about one tensor plus the two buffers, whatever the model size.
 """
 
-from typing import Dict, Iterable, Tuple
+import struct
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
 CHUNK_BYTES = 128 << 20
+READERS = 4
 
 
 def _to_device_cpu(items: Iterable[Tuple[str, torch.Tensor]], device, dtype) -> Dict[str, torch.Tensor]:
@@ -45,3 +51,105 @@ def load_to_device(items: Iterable[Tuple[str, torch.Tensor]], device: torch.devi
             del cpu
     stream.synchronize()
     return out
+
+
+def tensor_offsets(path: Path, state: Dict[str, torch.Tensor]) -> Optional[Dict[str, int]]:
+    """Byte offset in `path` of each tensor of `state`, a `torch.load(path, mmap=True)` result.
+
+    torch maps the whole file once, so a storage's address minus the mapping's start is its
+    record's offset in the zip archive. Returns None (use the mapped tensors instead) if the
+    offsets cannot be worked out or do not hold the tensors' bytes.
+    """
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+            starts = []
+            for info in zf.infolist():
+                if "/data/" in info.filename:
+                    f.seek(info.header_offset)
+                    name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+                    starts.append(info.header_offset + 30 + name_len + extra_len)
+        tensors = {k: t for k, t in state.items() if t.numel() > 0}
+        if not starts or not tensors:
+            return None
+        base = min(t.untyped_storage().data_ptr() for t in tensors.values()) - min(starts)
+        offsets = {
+            k: t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size() for k, t in tensors.items()
+        }
+        with open(path, "rb") as f:  # spot-check the first bytes of every tensor
+            for k, t in tensors.items():
+                if not t.is_contiguous():
+                    return None
+                f.seek(offsets[k])
+                want = t.reshape(-1)[:8].view(torch.uint8).numpy().tobytes()
+                if f.read(len(want)) != want:
+                    return None
+        return offsets
+    except (OSError, zipfile.BadZipFile, struct.error, RuntimeError):
+        return None
+
+
+def read_to_device(path: Path, state: Dict[str, torch.Tensor], offsets: Dict[str, int], keys,
+                   device: torch.device, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Reads the tensors `keys` of one shard with plain sequential file reads into pinned
+    buffers and copies them to `device`, with READERS threads each owning two buffers.
+
+    Avoids page-faulting a memory map: reads from the page cache run at memory speed.
+    """
+    out = {k: torch.empty(state[k].shape, dtype=state[k].dtype, device=device) for k in keys}
+    queue = sorted((k for k in keys if state[k].numel() > 0), key=offsets.get)
+    lock = threading.Lock()
+
+    def worker(_):
+        pin = device.type == "cuda"
+        staging = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        views = [memoryview(b.numpy()) for b in staging]
+        done = [None, None]
+        stream = torch.cuda.Stream(device) if pin else None
+        n = 0
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                with lock:
+                    if not queue:
+                        break
+                    key = queue.pop(0)
+                dst = out[key].reshape(-1).view(torch.uint8)
+                for start in range(0, dst.numel(), CHUNK_BYTES):
+                    size = min(CHUNK_BYTES, dst.numel() - start)
+                    buf = n % 2
+                    if done[buf] is not None:
+                        done[buf].synchronize()
+                    f.seek(offsets[key] + start)
+                    got = f.readinto(views[buf][:size])
+                    if got != size:
+                        raise OSError(f"{path}: short read of {key} ({got} of {size} bytes)")
+                    if stream is None:
+                        dst[start : start + size].copy_(staging[buf][:size])
+                        continue
+                    with torch.cuda.stream(stream):
+                        dst[start : start + size].copy_(staging[buf][:size], non_blocking=True)
+                        done[buf] = torch.cuda.Event()
+                        done[buf].record(stream)
+                    n += 1
+        if stream is not None:
+            stream.synchronize()
+
+    with ThreadPoolExecutor(READERS) as pool:
+        list(pool.map(worker, range(READERS)))
+    return {k: (t if t.dtype == dtype else t.to(dtype)) for k, t in out.items()}
+
+
+def load_rank(paths, shards, rank: int, world_size: int, device: torch.device,
+              dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """This rank's weights on `device` in `dtype`, from Meta's shards (any shard count).
+
+    On CUDA, when this rank's shard is one file as it is, that file is read directly;
+    otherwise each tensor is cut from the memory-mapped shards and staged.
+    """
+    from llama.checkpoint import UNUSED_KEYS, iter_rank_state
+
+    if device.type == "cuda" and len(shards) == world_size:
+        offsets = tensor_offsets(paths[rank], shards[rank])
+        if offsets is not None:
+            keys = [k for k in shards[rank] if k not in UNUSED_KEYS]
+            return read_to_device(paths[rank], shards[rank], offsets, keys, device, dtype)
+    return load_to_device(iter_rank_state(shards, rank, world_size), device, dtype)
