@@ -141,3 +141,9 @@ def test_reallocated_caches_are_picked_up(ckpts, build):
     faithful.model.params.max_batch_size = 2
     faithful.model.reset_buffers(torch.device("cpu"), torch.float32)
     assert fast.text_completion(PROMPTS[:2], temperature=0, max_gen_len=20) == want[:2]
+    faithful.model.params.max_seq_len = 400  # longer than the RoPE table the fast path started with
+    faithful.model.reset_buffers(torch.device("cpu"), torch.float32)
+    long_want = faithful.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=300, logprobs=True)
+    long_got = fast.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=300, logprobs=True)
+    assert_same(long_want, long_got)
+    assert len(long_got[0]["tokens"]) > 256

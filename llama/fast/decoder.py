@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from llama.distributed import is_rank_zero
-from llama.fast.forward import FastForward, join_kv_caches
+from llama.fast.forward import FastForward, join_kv_caches, rope_tables
 from llama.model import Transformer
 
 
@@ -77,10 +77,13 @@ class FastDecoder:
         return min(bucket, self.max_seq_len)
 
     def _check_caches(self) -> None:
-        """Graphs point at the cache memory: if the model's caches were reallocated, start over."""
+        """Graphs point at the cache and RoPE memory: if the model's buffers were reallocated
+        (`Transformer.reset_buffers`, e.g. for a new max_seq_len), start over."""
         attn = self.model.layers[0].attention
         if attn.cache_k.data_ptr() != attn.cache_kv[0].data_ptr():
             join_kv_caches(self.model)
+            self.forward.cos, self.forward.sin = rope_tables(self.model)
+            self.max_seq_len = self.model.params.max_seq_len
             self.graphs.clear()
 
     def __call__(self, tokens: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
