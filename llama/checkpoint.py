@@ -5,12 +5,13 @@ rank takes its slice of every tensor straight from the memory-mapped shards.
 Resharding is pure functions over state dicts, with one table of split dims.
 """
 
+import hashlib
 import json
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -238,8 +239,12 @@ def iter_rank_state(shards: Sequence[StateDict], rank: int, world_size: int):
             yield k, rank_tensor(k, shards, rank, world_size)
 
 
-def save_checkpoint(shards: Sequence[StateDict], params: dict, out_dir) -> List[Path]:
-    """Writes shards and params.json in Meta's layout; refuses to overwrite an existing checkpoint."""
+def save_checkpoint(shards: Iterable[StateDict], params: dict, out_dir) -> List[Path]:
+    """Writes shards (each saved as it comes, so an iterator keeps one in memory), params.json
+    and checklist.chk in Meta's layout; refuses to overwrite an existing checkpoint.
+
+    Each file appears under its final name only once it is whole.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.glob("*.pth")):
         raise CheckpointError(f"{str(out_dir)!r} already holds a checkpoint; choose an empty folder")
@@ -249,7 +254,18 @@ def save_checkpoint(shards: Sequence[StateDict], params: dict, out_dir) -> List[
         path = out_dir / f"consolidated.{i:02d}.pth"
         tmp = path.with_suffix(".pth.tmp")
         torch.save(shard, tmp)
-        os.replace(tmp, path)  # a shard appears under its name only when whole
+        os.replace(tmp, path)
         written.append(path)
+        del shard
     (out_dir / "params.json").write_text(json.dumps(params))
+    lines = [f"{md5_file(p)}  {p.name}\n" for p in written + [out_dir / "params.json"]]
+    (out_dir / "checklist.chk").write_text("".join(lines))
     return written
+
+
+def md5_file(path: Path, block: int = 1 << 24) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
