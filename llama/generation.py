@@ -2,7 +2,7 @@
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple, TypedDict
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,8 @@ from llama.fast import FaithfulDecoder, FastDecoder
 from llama.loading import load_rank
 from llama.model import Transformer
 from llama.parallel import parallelize
-from llama.sampling import next_token
+from llama.sampling import Sampler
+from llama.streaming import TextStream, find_stop, validate_stop
 from llama.tokenizer import Tokenizer
 
 
@@ -119,7 +120,7 @@ class Llama:
 
     # -- decoding --------------------------------------------------------------------------------
 
-    def _check_request(self, prompt_tokens, max_gen_len: int, temperature: float, top_p: float) -> None:
+    def _check_request(self, prompt_tokens, max_gen_len: int) -> None:
         params = self.model.params
         if not isinstance(prompt_tokens, (list, tuple)) or len(prompt_tokens) == 0:
             raise ValueError("no prompts given: pass a non-empty list of prompts")
@@ -140,10 +141,12 @@ class Llama:
                 )
         if not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be an int >= 0, got {max_gen_len!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+    def _sampler(self, temperature, top_p, top_k=0, repetition_penalty=1.0, seed=None) -> Sampler:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return Sampler(temperature, top_p, top_k, repetition_penalty, generator)
 
     def _start(self, prompt_tokens: List[List[int]], max_gen_len: int, logprobs: bool) -> _State:
         params = self.model.params
@@ -169,7 +172,7 @@ class Llama:
         # logits (bs, seqlen, vocab) predict targets (bs, seqlen)
         return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=self.tokenizer.pad_id)
 
-    def _decode(self, s: _State, temperature: float, top_p: float) -> Iterator[int]:
+    def _decode(self, s: _State, sampler: Sampler) -> Iterator[int]:
         """The reference's decode loop; yields each position once its token is in `s.tokens`."""
         prev_pos = 0
         all_logits = s.token_logprobs is not None
@@ -181,7 +184,7 @@ class Llama:
         sync_every = self.decoder.sync_every
         for step, cur_pos in enumerate(range(s.min_prompt_len, s.total_len), start=1):
             logits = self.decoder(s.tokens[:, prev_pos:cur_pos], prev_pos, all_logits)
-            token = next_token(logits[:, -1], temperature, top_p)
+            token = sampler(logits[:, -1], s.tokens[:, :cur_pos])
             # positions still inside a longer prompt keep the prompt's token
             token = torch.where(s.input_text_mask[:, cur_pos], s.tokens[:, cur_pos], token)
             s.tokens[:, cur_pos] = token
@@ -203,13 +206,47 @@ class Llama:
             end = len(prompt_tokens[i]) + max_gen_len
             toks = toks[start:end]
             probs = all_logprobs[i][start:end] if all_logprobs is not None else None
-            if self.tokenizer.eos_id in toks:
-                eos_idx = toks.index(self.tokenizer.eos_id)
-                toks = toks[:eos_idx]
-                probs = probs[:eos_idx] if probs is not None else None
+            # cut at EOS, or where decoding stopped early (a stop string): positions never filled
+            ends = [toks.index(t) for t in (self.tokenizer.eos_id, self.tokenizer.pad_id) if t in toks]
+            if ends:
+                toks = toks[: min(ends)]
+                probs = probs[: min(ends)] if probs is not None else None
             out_tokens.append(toks)
             out_logprobs.append(probs)
         return out_tokens, (out_logprobs if all_logprobs is not None else None)
+
+    def _run(self, prompt_tokens, max_gen_len: int, sampler: Sampler, logprobs: bool, echo: bool,
+             stops: Sequence[str] = ()):
+        """Decodes a batch; with stop strings, each row also ends at its first stop string.
+
+        Returns (texts, tokens, logprobs): texts cut before any stop string, tokens (and
+        their logprobs) those whose text lies wholly before it.
+        """
+        self._check_request(prompt_tokens, max_gen_len)
+        state = self._start(prompt_tokens, max_gen_len, logprobs)
+        streams = [TextStream(self.tokenizer, stops) for _ in prompt_tokens] if stops else []
+        for cur_pos in self._decode(state, sampler):
+            for i, stream in enumerate(streams):  # host syncs, only when stop strings are asked for
+                if len(prompt_tokens[i]) <= cur_pos and not stream.stopped:
+                    stream.add(int(state.tokens[i, cur_pos]))
+                    if stream.stopped:
+                        state.eos_reached[i] = True
+        tokens, lps = self._outputs(state, prompt_tokens, max_gen_len, echo)
+        texts = []
+        for i, toks in enumerate(tokens):
+            text = self.tokenizer.decode(toks)
+            base = len(self.tokenizer.decode(toks[: len(prompt_tokens[i])])) if echo else 0
+            cut = find_stop(text[base:], stops) if stops else None
+            if cut is not None:
+                text = text[: base + cut]
+                keep = len(prompt_tokens[i]) if echo else 0
+                while keep < len(toks) and len(self.tokenizer.decode(toks[: keep + 1])) <= len(text):
+                    keep += 1
+                tokens[i] = toks[:keep]
+                if lps is not None:
+                    lps[i] = lps[i][:keep]
+            texts.append(text)
+        return texts, tokens, lps
 
     @torch.inference_mode()
     def generate(
@@ -220,6 +257,10 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: Optional[int] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generates continuations of tokenized prompts.
 
@@ -230,16 +271,17 @@ class Llama:
             top_p: nucleus sampling mass.
             logprobs: also return each returned token's log-probability.
             echo: return the prompt tokens too.
+            top_k: sample among the k most likely tokens only (0: off).
+            repetition_penalty: > 1 discourages tokens already in the sequence (1.0: off).
+            seed: seeds this call's sampling alone (None: torch's global RNG, as the reference).
 
         Returns:
             (tokens, logprobs): per prompt, the new tokens cut at the first EOS, and
             their log-probabilities when asked (else None).
         """
-        self._check_request(prompt_tokens, max_gen_len, temperature, top_p)
-        state = self._start(prompt_tokens, max_gen_len, logprobs)
-        for _ in self._decode(state, temperature, top_p):
-            pass
-        return self._outputs(state, prompt_tokens, max_gen_len, echo)
+        sampler = self._sampler(temperature, top_p, top_k, repetition_penalty, seed)
+        _, tokens, lps = self._run(prompt_tokens, max_gen_len, sampler, logprobs, echo)
+        return tokens, lps
 
     # -- text and chat ----------------------------------------------------------------------------
 
@@ -251,6 +293,17 @@ class Llama:
                 raise TypeError(f"prompt {i} is a {type(p).__name__}, not a str: {p!r}")
         return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> List[List[int]]:
+        if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
+            raise ValueError("no dialogs given: pass a non-empty list of dialogs")
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, i)
+        return [encode_dialog(self.tokenizer, d) for d in dialogs]
+
+    def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.model.params.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    @torch.inference_mode()
     def text_completion(
         self,
         prompts: List[str],
@@ -259,21 +312,29 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop=None,
+        seed: Optional[int] = None,
     ) -> List[CompletionPrediction]:
-        """Completes each prompt; returns [{"generation": str}] (+ "tokens", "logprobs" when asked)."""
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        """Completes each prompt; returns [{"generation": str}] (+ "tokens", "logprobs" when asked).
+
+        Beyond the reference: top_k, repetition_penalty and seed as in `generate`, and `stop`
+        (a string or list of strings): each generation ends before its first stop string.
+        """
+        stops = validate_stop(stop)
+        sampler = self._sampler(temperature, top_p, top_k, repetition_penalty, seed)
         prompt_tokens = self._encode_prompts(prompts)
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
-        )
+        texts, tokens, lps = self._run(prompt_tokens, self._default_gen_len(max_gen_len), sampler, logprobs, echo, stops)
         if logprobs:
             return [
-                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
-                for t, lp in zip(generation_tokens, generation_logprobs)
+                {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for text, t, lp in zip(texts, tokens, lps)
             ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        return [{"generation": text} for text in texts]
 
+    @torch.inference_mode()
     def chat_completion(
         self,
         dialogs: List[Dialog],
@@ -281,31 +342,99 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop=None,
+        seed: Optional[int] = None,
     ) -> List[ChatPrediction]:
         """Answers each dialog as the assistant, in the Llama 2 chat format.
 
         Returns [{"generation": {"role": "assistant", "content": str}}] (+ "tokens",
         "logprobs" when asked). A dialog containing [INST], [/INST], <<SYS>> or <</SYS>>
-        is answered with an error message as its content.
+        is answered with an error message as its content. top_k, repetition_penalty, stop
+        and seed as in `text_completion`.
         """
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
-        if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
-            raise ValueError("no dialogs given: pass a non-empty list of dialogs")
-        for i, dialog in enumerate(dialogs):
-            validate_dialog(dialog, i)
+        stops = validate_stop(stop)
+        sampler = self._sampler(temperature, top_p, top_k, repetition_penalty, seed)
+        prompt_tokens = self._encode_dialogs(dialogs)
         unsafe = [has_special_tags(d) for d in dialogs]
-        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
-        )
+        texts, tokens, lps = self._run(prompt_tokens, self._default_gen_len(max_gen_len), sampler, logprobs, False, stops)
 
-        def message(t, bad):
-            return {"role": "assistant", "content": UNSAFE_ERROR if bad else self.tokenizer.decode(t)}
+        def message(text, bad):
+            return {"role": "assistant", "content": UNSAFE_ERROR if bad else text}
 
         if logprobs:
             return [
-                {"generation": message(t, bad), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
-                for t, lp, bad in zip(generation_tokens, generation_logprobs, unsafe)
+                {"generation": message(text, bad), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for text, t, lp, bad in zip(texts, tokens, lps, unsafe)
             ]
-        return [{"generation": message(t, bad)} for t, bad in zip(generation_tokens, unsafe)]
+        return [{"generation": message(text, bad)} for text, bad in zip(texts, unsafe)]
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    def stream_completion(
+        self,
+        prompt: str,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop=None,
+        seed: Optional[int] = None,
+    ) -> Iterator[str]:
+        """Yields the completion of `prompt` as text pieces while it is generated.
+
+        The pieces join to what `text_completion` returns for the same arguments and RNG
+        state; a piece never ends inside a UTF-8 character or a possible stop string.
+        """
+        stops = validate_stop(stop)
+        sampler = self._sampler(temperature, top_p, top_k, repetition_penalty, seed)
+        return self._stream(self._encode_prompts([prompt])[0], self._default_gen_len(max_gen_len), sampler, stops)
+
+    def stream_chat(
+        self,
+        dialog: Dialog,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop=None,
+        seed: Optional[int] = None,
+    ) -> Iterator[str]:
+        """Yields the assistant's answer to `dialog` as text pieces while it is generated.
+
+        A dialog with special tags yields the error message of `chat_completion` instead.
+        """
+        stops = validate_stop(stop)
+        sampler = self._sampler(temperature, top_p, top_k, repetition_penalty, seed)
+        prompt = self._encode_dialogs([dialog])[0]
+        if has_special_tags(dialog):
+            return iter([UNSAFE_ERROR])
+        return self._stream(prompt, self._default_gen_len(max_gen_len), sampler, stops)
+
+    def _stream(self, prompt: List[int], max_gen_len: int, sampler: Sampler, stops) -> Iterator[str]:
+        self._check_request([prompt], max_gen_len)  # here, so bad input fails at the call
+        with torch.inference_mode():
+            state = self._start([prompt], max_gen_len, logprobs=False)
+        return self._pieces(state, self._decode(state, sampler), TextStream(self.tokenizer, stops))
+
+    def _pieces(self, state: _State, steps: Iterator[int], text: TextStream) -> Iterator[str]:
+        while True:
+            with torch.inference_mode():  # only while computing, not while the caller holds a piece
+                cur_pos = next(steps, None)
+                token = None if cur_pos is None else int(state.tokens[0, cur_pos])
+            if token is None or token == self.tokenizer.eos_id:
+                break
+            piece = text.add(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                break
+        rest = text.finish()
+        if rest:
+            yield rest

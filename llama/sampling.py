@@ -1,9 +1,12 @@
-"""Next-token choice: small pure functions over logits."""
+"""Next-token choice: small pure functions over logits, and the Sampler that combines them."""
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Nucleus sampling: (bs, vocab) probabilities -> (bs, 1) token ids.
 
     Keeps the most likely tokens whose preceding cumulative mass is at most p,
@@ -14,13 +17,53 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     mask = probs_sum - probs_sort > p
     probs_sort[mask] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1)
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The reference's choice from last-position logits (bs, vocab) -> (bs,) ids."""
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p).reshape(-1)
-    return torch.argmax(logits, dim=-1).reshape(-1)
+def keep_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Zeroes all but the k most likely tokens of each row and renormalises."""
+    kth = torch.topk(probs, min(k, probs.shape[-1]), dim=-1).values[:, -1:]
+    probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divides positive logits (multiplies negative ones) by `penalty` for every token id in
+    `history` (bs, n), the usual definition (CTRL, Keskar et al. 2019)."""
+    scores = torch.gather(logits, 1, history)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(1, history, scores)
+
+
+@dataclass
+class Sampler:
+    """How the next token is chosen. The defaults of top_k, repetition_penalty and generator
+    are off, leaving exactly the reference's computation (and RNG use)."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    generator: Optional[torch.Generator] = None  # None: torch's global RNG, as the reference
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {self.top_k!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty!r}")
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Last-position logits (bs, vocab) and the tokens so far (bs, n) -> next ids (bs,)."""
+        if self.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, history, self.repetition_penalty)
+        if self.temperature > 0:
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+            if self.top_k > 0:
+                probs = keep_top_k(probs, self.top_k)
+            return sample_top_p(probs, self.top_p, self.generator).reshape(-1)
+        return torch.argmax(logits, dim=-1).reshape(-1)
