@@ -31,6 +31,7 @@ def choose_device(device: Optional[str] = None) -> torch.device:
                     "start at most one process per GPU (torchrun --nproc_per_node)"
                 )
             dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)  # NCCL collectives run on the current device
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("device 'mps' was asked for, but this torch has no MPS support")
     return dev

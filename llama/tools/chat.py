@@ -1,0 +1,156 @@
+"""Interactive chat with a Llama 2 chat model, streaming each answer.
+
+    python -m llama.tools.chat --ckpt_dir llama-2-7b-chat --tokenizer_path tokenizer.model
+    torchrun --nproc_per_node 2 -m llama.tools.chat --ckpt_dir llama-2-13b-chat --tokenizer_path tokenizer.model
+
+Commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system
+alone clears it), /exit. Ctrl-C stops the current answer and keeps the session; end of
+input (Ctrl-D, or a closed pipe) exits. When the conversation no longer fits max_seq_len,
+the oldest exchanges are dropped, and the chat says so.
+"""
+
+import argparse
+import sys
+from typing import Iterator, List, Optional, Tuple
+
+import torch.distributed as dist
+
+from llama.chat_format import Dialog, encode_dialog
+from llama.distributed import is_rank_zero
+
+HELP = "commands: /reset, /system TEXT, /exit"
+
+
+class ChatSession:
+    """A conversation: history, system prompt, fitting into max_seq_len, commands."""
+
+    def __init__(self, llama, system: Optional[str] = None, max_gen_len: Optional[int] = None, **sampling):
+        self.llama = llama
+        self.system = system or None
+        self.history: List[Tuple[str, str]] = []
+        self.max_gen_len = max_gen_len
+        self.sampling = sampling
+        max_seq_len = llama.model.params.max_seq_len
+        self.reserve = max_gen_len if max_gen_len is not None else max(16, max_seq_len // 4)  # room for the answer
+
+    def dialog(self, user: str) -> Dialog:
+        msgs: Dialog = [{"role": "system", "content": self.system}] if self.system else []
+        for question, answer in self.history:
+            msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return msgs + [{"role": "user", "content": user}]
+
+    def fit(self, user: str) -> Tuple[Optional[Dialog], int]:
+        """The dialog to send, after dropping the oldest exchanges as needed (None: even the
+        new message alone does not fit), and how many exchanges were dropped."""
+        limit = self.llama.model.params.max_seq_len - self.reserve
+        dropped = 0
+        while True:
+            dialog = self.dialog(user)
+            if len(encode_dialog(self.llama.tokenizer, dialog)) <= limit:
+                return dialog, dropped
+            if not self.history:
+                return None, dropped
+            self.history.pop(0)
+            dropped += 1
+
+    def command(self, line: str) -> Optional[str]:
+        """Handles a /command; returns what to tell the user, or None if `line` is a message."""
+        if not line.startswith("/"):
+            return None
+        name, _, arg = line.partition(" ")
+        if name == "/reset":
+            self.history.clear()
+            return "(conversation cleared)"
+        if name == "/system":
+            self.system = arg.strip() or None
+            return f"(system prompt set: {self.system})" if self.system else "(system prompt cleared)"
+        return f"(unknown command {name}; {HELP})"
+
+    def answer(self, user: str) -> Iterator[str]:
+        """Streams the answer to `user` and records the exchange (also when stopped early)."""
+        dialog, dropped = self.fit(user)
+        if dialog is None:
+            yield f"(message too long for max_seq_len={self.llama.model.params.max_seq_len}; not sent)"
+            return
+        if dropped:
+            yield f"(dropped the {dropped} oldest exchange(s) to fit max_seq_len)\n"
+        text = ""
+        try:
+            for piece in self.llama.stream_chat(dialog, max_gen_len=self.max_gen_len, **self.sampling):
+                text += piece
+                yield piece
+        finally:
+            self.history.append((user, text))
+
+
+def read_line(prompt: str) -> Optional[str]:
+    """A line from rank 0's stdin, shared with every rank; None at end of input."""
+    line = None
+    if is_rank_zero():
+        try:
+            line = input(prompt) if sys.stdin.isatty() else sys.stdin.readline()
+            if line == "" and not sys.stdin.isatty():
+                line = None  # end of a pipe
+        except EOFError:
+            line = None
+        except KeyboardInterrupt:
+            line = ""
+            print()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return None if line is None else line.strip()
+
+
+def run(session: ChatSession) -> None:
+    out = sys.stdout
+    while True:
+        line = read_line("User: ")
+        if line is None or line == "/exit":
+            break
+        if not line:
+            continue
+        reply = session.command(line)
+        if reply is not None:
+            print(reply, file=out, flush=True)
+            continue
+        print("> Assistant: ", end="", file=out, flush=True)
+        try:
+            for piece in session.answer(line):
+                print(piece, end="", file=out, flush=True)
+        except KeyboardInterrupt:
+            print(" (stopped)", end="", file=out)
+        print("\n", file=out, flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_dir", required=True)
+    p.add_argument("--tokenizer_path", required=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max_seq_len", type=int, default=2048)
+    p.add_argument("--max_gen_len", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--fast", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+    a = p.parse_args(argv)
+
+    from llama import Llama
+
+    llama = Llama.build(a.ckpt_dir, a.tokenizer_path, max_seq_len=a.max_seq_len, max_batch_size=1, seed=a.seed,
+                        dtype=a.dtype, fast=a.fast)
+    session = ChatSession(llama, a.system, a.max_gen_len, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          repetition_penalty=a.repetition_penalty, stop=a.stop)
+    if sys.stdin.isatty() and is_rank_zero():
+        print(f"Chatting with {a.ckpt_dir}. {HELP}; Ctrl-C stops an answer, Ctrl-D quits.")
+    run(session)
+
+
+if __name__ == "__main__":
+    main()
