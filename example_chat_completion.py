@@ -5,7 +5,10 @@
 
 Flags and defaults are those of Meta's reference example. Ask your own question with
 `--prompt "..."` (and `--system "..."`), or pass `--dialogs my_dialogs.json`, a JSON
-list of dialogs, each a list of {"role": ..., "content": ...} messages.
+list of dialogs, each a list of {"role": ..., "content": ...} messages. `--stream` prints
+answers as they are generated; `--top_k`, `--repetition_penalty`, `--stop`, `--seed` (all
+off by default); `--dtype`; `--fast False` / `--compile False` as in the text example.
+For a conversation, see `python -m llama.tools.chat`.
 """
 
 import json
@@ -70,7 +73,14 @@ def main(
     prompt: Optional[str] = None,
     system: Optional[str] = None,
     dialogs: Optional[str] = None,
+    stream: bool = False,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    stop=None,
+    seed: Optional[int] = None,
     dtype: Optional[str] = None,
+    fast: Optional[bool] = None,
+    compile: Optional[bool] = None,
 ):
     todo = load_dialogs(dialogs, prompt, system)
     generator = Llama.build(
@@ -79,10 +89,23 @@ def main(
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         dtype=dtype,
+        fast=fast,
+        compile=compile,
     )
+    controls = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
+                    repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    if stream:
+        for dialog in todo:
+            for msg in dialog:
+                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            print("> Assistant: ", end="", flush=True)
+            for piece in generator.stream_chat(dialog, **controls):
+                print(piece, end="", flush=True)
+            print("\n\n==================================\n")
+        return
     for start in range(0, len(todo), max_batch_size):
         batch = todo[start : start + max_batch_size]
-        results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        results = generator.chat_completion(batch, **controls)
         for dialog, result in zip(batch, results):
             for msg in dialog:
                 print(f"{msg['role'].capitalize()}: {msg['content']}\n")

@@ -3,8 +3,11 @@
     torchrun --nproc_per_node 1 example_text_completion.py \
         --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
 
-Flags and defaults are those of Meta's reference example; `--prompt` completes your
-own text instead of the built-in prompts, `--dtype` picks the precision.
+Flags and defaults are those of Meta's reference example. Beyond them: `--prompt`
+completes your own text instead of the built-in prompts; `--stream` prints text as it is
+generated; `--top_k`, `--repetition_penalty`, `--stop`, `--seed` (all off by default);
+`--dtype` (e.g. float16); `--fast False` / `--compile False` turn the fast GPU path or
+its compilation off.
 """
 
 from typing import Optional
@@ -41,7 +44,14 @@ def main(
     max_gen_len: int = 64,
     max_batch_size: int = 4,
     prompt: Optional[str] = None,
+    stream: bool = False,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    stop=None,
+    seed: Optional[int] = None,
     dtype: Optional[str] = None,
+    fast: Optional[bool] = None,
+    compile: Optional[bool] = None,
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -49,11 +59,23 @@ def main(
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         dtype=dtype,
+        fast=fast,
+        compile=compile,
     )
     prompts = [str(prompt)] if prompt is not None else PROMPTS
+    controls = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
+                    repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    if stream:
+        for text in prompts:
+            print(text)
+            print("> ", end="", flush=True)
+            for piece in generator.stream_completion(text, **controls):
+                print(piece, end="", flush=True)
+            print("\n\n==================================\n")
+        return
     for start in range(0, len(prompts), max_batch_size):
         batch = prompts[start : start + max_batch_size]
-        results = generator.text_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        results = generator.text_completion(batch, **controls)
         for text, result in zip(batch, results):
             print(text)
             print(f"> {result['generation']}")

@@ -52,3 +52,24 @@ def test_chat_example_under_torchrun(ckpts):
                    "--max_gen_len", "4", "--prompt", "hi")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count(SEP) == 1  # rank 1 is silent
+
+
+def test_stream_flag_prints_the_same_text(ckpts):
+    args = ["--ckpt_dir", ckpts["gqa1"], "--tokenizer_path", TOKENIZER, "--max_gen_len", "12", "--temperature", "0"]
+    plain = run_example("example_text_completion.py", *args)
+    streamed = run_example("example_text_completion.py", *args, "--stream")
+    assert streamed.split("\n", 1)[1] == plain.split("\n", 1)[1]  # after "Loaded in ..."
+    chat_args = args + ["--prompt", "你好，请介绍一下你自己"]
+    plain = run_example("example_chat_completion.py", *chat_args)
+    streamed = run_example("example_chat_completion.py", *chat_args, "--stream")
+    assert streamed.split("\n", 1)[1] == plain.split("\n", 1)[1]
+
+
+def test_sampling_flags(ckpts):
+    args = ["--ckpt_dir", ckpts["gqa1"], "--tokenizer_path", TOKENIZER, "--max_gen_len", "12", "--prompt", "Hello"]
+    a = run_example("example_text_completion.py", *args, "--seed", "3", "--top_k", "5")
+    b = run_example("example_text_completion.py", *args, "--seed", "3", "--top_k", "5")
+    c = run_example("example_text_completion.py", *args, "--seed", "3", "--top_k", "5", "--repetition_penalty", "2.0",
+                    "--fast", "True")
+    assert a.split("\n", 1)[1] == b.split("\n", 1)[1]
+    assert "Hello\n> " in c
