@@ -12,5 +12,8 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     python_requires=">=3.9",
     install_requires=get_requirements("requirements.txt"),
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "hf": ["safetensors"],  # Hugging Face checkpoints
+        "test": ["pytest", "safetensors", "transformers"],
+    },
 )

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -56,8 +57,8 @@ def shard_paths(ckpt_dir) -> List[Path]:
     paths = sorted(ckpt_dir.glob("*.pth"))
     if not paths:
         raise CheckpointError(
-            f"no checkpoint files found in {str(ckpt_dir)!r}: expected consolidated.00.pth ... "
-            "(run download.sh, or check the path)"
+            f"no checkpoint files found in {str(ckpt_dir)!r}: expected Meta's consolidated.00.pth ... "
+            "(run download.sh, or check the path), or a Hugging Face folder with config.json"
         )
     return paths
 
@@ -65,6 +66,11 @@ def shard_paths(ckpt_dir) -> List[Path]:
 def load_params(ckpt_dir) -> dict:
     """The checkpoint's params.json as a dict."""
     path = _checkpoint_dir(ckpt_dir) / "params.json"
+    if not path.is_file() and not any(path.parent.glob("*.pth")):
+        raise CheckpointError(
+            f"{str(path.parent)!r} is neither a Meta checkpoint (params.json and consolidated.*.pth) "
+            "nor a Hugging Face Llama folder (config.json and its weights): check the path"
+        )
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} is missing: every Meta checkpoint folder has a params.json")
     try:
@@ -77,12 +83,32 @@ def load_params(ckpt_dir) -> dict:
 
 
 def model_args(ckpt_dir, **overrides) -> ModelArgs:
-    """ModelArgs from the checkpoint's params.json, with `overrides` (max_seq_len, ...)."""
-    params = load_params(ckpt_dir)
+    """ModelArgs from the checkpoint's params.json (or a Hugging Face config.json), with
+    `overrides` (max_seq_len, ...)."""
+    from llama import hf
+
+    params = hf.params_from_config(hf.read_config(ckpt_dir)) if hf.is_hf_dir(ckpt_dir) else load_params(ckpt_dir)
     try:
         return ModelArgs.from_params(params, **overrides)
     except TypeError as e:
         raise CheckpointError(f"params.json in {str(ckpt_dir)!r} does not describe a Llama model: {e}") from None
+
+
+def vocab_size(ckpt_dir, args: ModelArgs, tokenizer_words: int) -> int:
+    """The model's vocabulary size: the tokenizer's, as the reference does; for a Hugging Face
+    checkpoint its config's (the weights'), which the tokenizer must not exceed."""
+    from llama import hf
+
+    if not hf.is_hf_dir(ckpt_dir):
+        return tokenizer_words
+    if tokenizer_words > args.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {tokenizer_words} pieces but the model only {args.vocab_size}: "
+            f"use the tokenizer.model that came with {str(ckpt_dir)!r}"
+        )
+    if tokenizer_words < args.vocab_size:
+        warnings.warn(f"the model has {args.vocab_size} token ids, the tokenizer {tokenizer_words}")
+    return args.vocab_size
 
 
 def load_shard(path: Path) -> StateDict:
@@ -104,12 +130,17 @@ def _slice(full_len: int, world_size: int, rank: int, what: str):
     return rank * size, size
 
 
+def tensor_shape(shard, key: str) -> tuple:
+    """A tensor's shape; lazy shards (Hugging Face checkpoints) tell it without reading the tensor."""
+    return tuple(shard.shape_of(key)) if hasattr(shard, "shape_of") else tuple(shard[key].shape)
+
+
 def rank_tensor(key: str, shards: Sequence[StateDict], rank: int, world_size: int) -> torch.Tensor:
     """`key`'s slice for `rank` of `world_size`, cut from the N source shards without merging them all."""
     dim = split_dim(key)
     if dim is None or world_size == len(shards):
         return shards[0][key] if dim is None else shards[rank][key]
-    local = shards[0][key].shape[dim]
+    local = tensor_shape(shards[0], key)[dim]
     start, size = _slice(local * len(shards), world_size, rank, key)
     pieces = []
     for i, shard in enumerate(shards):  # shard i holds [i * local, (i + 1) * local)
@@ -196,7 +227,7 @@ def check_against_params(args: ModelArgs, shards: Sequence[StateDict], ckpt_dir)
         )
     n = len(shards)
     for key, shape in expected.items():
-        local = shards[0][key].shape
+        local = tensor_shape(shards[0], key)
         dim = split_dim(key)
         whole = tuple(s * n if d == dim else s for d, s in enumerate(local))
         if whole != shape:
@@ -213,9 +244,17 @@ def check_against_params(args: ModelArgs, shards: Sequence[StateDict], ckpt_dir)
 
 
 def open_checkpoint(ckpt_dir, args: ModelArgs, world_size: int):
-    """Opens and checks every shard (memory-mapped) for loading on `world_size` ranks."""
-    paths = shard_paths(ckpt_dir)
-    shards = [load_shard(p) for p in paths]
+    """Opens and checks every shard (memory-mapped) for loading on `world_size` ranks.
+
+    A Hugging Face folder opens as one whole shard, converted to Meta's layout lazily.
+    """
+    from llama import hf
+
+    if hf.is_hf_dir(ckpt_dir):
+        paths, shards = [Path(ckpt_dir) / hf.CONFIG], [hf.HFState(ckpt_dir, hf.read_config(ckpt_dir))]
+    else:
+        paths = shard_paths(ckpt_dir)
+        shards = [load_shard(p) for p in paths]
     check_shards(paths, shards)
     check_against_params(args, shards, ckpt_dir)
     if world_size not in valid_world_sizes(args, upto=max(world_size, 1)):

@@ -90,7 +90,7 @@ class Llama:
         start_time = time.time()
         tokenizer = Tokenizer(model_path=tokenizer_path)
         args = checkpoint.model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        args.vocab_size = tokenizer.n_words
+        args.vocab_size = checkpoint.vocab_size(ckpt_dir, args, tokenizer.n_words)
         paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size)
         memory.check_fits(args, dtype, mp_size, dev)
 

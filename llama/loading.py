@@ -147,7 +147,7 @@ def load_rank(paths, shards, rank: int, world_size: int, device: torch.device,
     """
     from llama.checkpoint import UNUSED_KEYS, iter_rank_state
 
-    if device.type == "cuda" and len(shards) == world_size:
+    if device.type == "cuda" and len(shards) == world_size and isinstance(shards[rank], dict):
         offsets = tensor_offsets(paths[rank], shards[rank])
         if offsets is not None:
             keys = [k for k in shards[rank] if k not in UNUSED_KEYS]

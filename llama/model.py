@@ -29,6 +29,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Code Llama sets 1e6
+    ffn_hidden_size: Optional[int] = None  # set: the SwiGLU hidden size as it is (Hugging Face's intermediate_size)
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -55,7 +56,9 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU hidden size, by the reference's rule."""
+        """SwiGLU hidden size, by the reference's rule (unless ffn_hidden_size gives it)."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
