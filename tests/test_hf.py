@@ -124,6 +124,14 @@ def test_hf_meta_hf_round_trip_is_bit_exact(hf_dir, tmp_path):
         ["北京"], temperature=0, max_gen_len=8)
 
 
+def test_check_tool_on_hf_dir(hf_dir, capsys):
+    from llama.tools import check
+
+    assert check.main([str(hf_dir / "sharded")]) == 0
+    out = capsys.readouterr().out
+    assert "Hugging Face LlamaForCausalLM" in out and "FFN 100" in out and "--nproc_per_node (any of): 1, 2" in out
+
+
 def test_meta_params_keep_the_reference_rule_when_possible():
     from llama.hf import meta_params
 

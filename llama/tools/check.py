@@ -16,6 +16,7 @@ from typing import List, Optional
 import torch
 
 from llama import checkpoint as ck
+from llama import hf
 from llama.memory import GiB, kv_cache_bytes, param_count
 from llama.model import ModelArgs
 
@@ -72,6 +73,8 @@ def memory_table(args: ModelArgs, sizes: List[int]) -> None:
 def check(ckpt_dir, tokenizer_path: Optional[str] = None, md5: bool = True) -> List[str]:
     """Prints a report on `ckpt_dir`; returns the problems found (empty: ready to run)."""
     ckpt_dir = Path(ckpt_dir)
+    if hf.is_hf_dir(ckpt_dir):
+        return check_hf(ckpt_dir)
     problems: List[str] = []
     try:
         params = ck.load_params(ckpt_dir)
@@ -112,6 +115,23 @@ def check(ckpt_dir, tokenizer_path: Optional[str] = None, md5: bool = True) -> L
     if md5:
         check_md5(ckpt_dir, problems)
     return problems
+
+
+def check_hf(ckpt_dir: Path) -> List[str]:
+    """The report for a Hugging Face Llama folder."""
+    try:
+        args = ck.model_args(ckpt_dir)
+        paths, shards = ck.open_checkpoint(ckpt_dir, args, 1)
+    except ck.CheckpointError as e:
+        return [str(e)]
+    files = sorted({p.name for p in shards[0].files.values()})
+    print(f"{ckpt_dir}: Hugging Face LlamaForCausalLM, dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
+          f"({args.kv_heads} kv), FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}, rope_theta {args.rope_theta}")
+    print(f"weights: {len(files)} file(s): {', '.join(files[:4])}{' ...' if len(files) > 4 else ''}")
+    sizes = ck.valid_world_sizes(args, upto=16)
+    print(f"runs with --nproc_per_node (any of): {', '.join(map(str, sizes))}")
+    memory_table(args, [m for m in sizes if m <= 8])
+    return []
 
 
 def main(argv=None) -> int:
