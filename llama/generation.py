@@ -61,7 +61,8 @@ class Llama:
 
         Args:
             ckpt_dir: folder with params.json and consolidated.*.pth shards (any shard
-                count: they are resharded at load time to the model-parallel size).
+                count: they are resharded at load time to the model-parallel size), or a
+                Hugging Face Llama folder (config.json and safetensors or .bin weights).
             tokenizer_path: the SentencePiece tokenizer.model.
             max_seq_len: longest prompt + generation, in tokens.
             max_batch_size: most prompts per call.
@@ -72,7 +73,9 @@ class Llama:
             device: 'cuda', 'cpu' or 'mps'; default CUDA when present.
             fast: decode with the fast path (static cache, fused projections, CUDA graphs);
                 default on CUDA. False runs the reference's forward pass.
-            compile: torch.compile the fast path's per-layer pieces; default on CUDA.
+            compile: torch.compile the fast path's per-layer pieces (True, False or
+                'max-autotune'); default on CUDA with one process. With model parallel the
+                fast path runs without compilation and CUDA graphs unless compile=True.
 
         Returns:
             A Llama holding the model and tokenizer.
@@ -106,7 +109,13 @@ class Llama:
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         if fast is None:
             fast = dev.type == "cuda"
-        decoder = FastDecoder(model, compile=compile) if fast else None
+        decoder = None
+        if fast and mp_size == 1:
+            decoder = FastDecoder(model, compile=compile)
+        elif fast:
+            # fairscale's collectives neither compile whole nor have been checked inside CUDA
+            # graphs: under model parallel the fast path runs eagerly unless compile=True.
+            decoder = FastDecoder(model, compile=bool(compile), cuda_graphs=False)
         return Llama(model, tokenizer, decoder)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, decoder=None):

@@ -68,7 +68,7 @@ def main(argv: Optional[list] = None) -> None:
     if a.rope_theta is not None:
         params["rope_theta"] = a.rope_theta
     paths = write_random_checkpoint(a.out_dir, params, a.vocab_size, a.shards, a.seed, getattr(torch, a.dtype))
-    print(f"wrote {len(paths)} shard(s) and params.json to {a.out_dir}")
+    print(f"wrote {len(paths)} shard(s), params.json and checklist.chk to {a.out_dir}")
 
 
 if __name__ == "__main__":
