@@ -17,6 +17,7 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
+from llama.distributed import shutdown
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -115,3 +116,4 @@ def main(
 
 if __name__ == "__main__":
     fire.Fire(main)
+    shutdown()

@@ -15,6 +15,7 @@ from typing import Optional
 import fire
 
 from llama import Llama
+from llama.distributed import shutdown
 
 PROMPTS = [
     # Plain prompts: the expected answer is the natural continuation.
@@ -84,3 +85,4 @@ def main(
 
 if __name__ == "__main__":
     fire.Fire(main)
+    shutdown()

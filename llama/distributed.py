@@ -125,3 +125,12 @@ def silence_other_ranks() -> None:
     """As the reference does: only rank 0 prints to stdout."""
     if not is_rank_zero():
         sys.stdout = open(os.devnull, "w")
+
+
+def shutdown() -> None:
+    """Ends the process group cleanly: every rank waits for the others, then leaves together
+    (a rank exiting while a peer still holds a connection can abort that peer)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -6,6 +6,7 @@ import sys
 import fire
 
 from llama import Llama
+from llama.distributed import shutdown
 
 
 def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 8, **build_kwargs):
@@ -23,3 +24,4 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 8, **b
 
 if __name__ == "__main__":
     fire.Fire(main)
+    shutdown()

@@ -67,7 +67,6 @@ class FastDecoder:
         self.sync_every = 16 if on_cuda else 1  # host syncs for the all-EOS check
         self.graphs: Dict[Tuple[int, int], _Graph] = {}
         self._pool = None
-        self.compile_seconds = 0.0
 
     def kv_bucket(self, length: int) -> int:
         """Cache length a step at `length` attends over: a power of two >= 256, at most max_seq_len."""
@@ -128,7 +127,6 @@ class FastDecoder:
             logits = self.forward(tokens, pos, kv_len, causal_from_zero=False, last_only=True)
         self._pool = graph.pool()
         torch.cuda.synchronize(self.device)
-        self.compile_seconds += time.time() - t0
         if first and self.compile and is_rank_zero():
             print(f"done in {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
         return _Graph(graph, tokens, pos, logits)
