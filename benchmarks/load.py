@@ -14,7 +14,6 @@ sampled every 20 ms) and peak GPU memory:
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading

@@ -295,6 +295,8 @@ class Llama:
     # -- text and chat ----------------------------------------------------------------------------
 
     def _encode_prompts(self, prompts: List[str]) -> List[List[int]]:
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts must be a list of strings; got one str: pass [{prompts[:30]!r}...]")
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise ValueError("no prompts given: pass a non-empty list of strings")
         for i, p in enumerate(prompts):

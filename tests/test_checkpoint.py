@@ -9,7 +9,7 @@ import torch
 
 from llama import checkpoint as ck
 from llama.model import ModelArgs
-from tests.conftest import FIXTURES, GQA, TOKENIZER
+from tests.conftest import FIXTURES, GQA
 
 
 def load_all(d):

@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import torch
 
 from llama import Llama
@@ -40,9 +39,14 @@ def test_logprobs_match_a_direct_forward_pass(gqa):
 
 
 def test_echo_returns_prompt_then_generation(gqa):
-    plain = greedy(gqa, PROMPTS[:1], max_gen_len=5)[0]["generation"]
-    echoed = greedy(gqa, PROMPTS[:1], max_gen_len=5, echo=True)[0]["generation"]
-    assert echoed.startswith(PROMPTS[0]) and echoed.endswith(plain.strip())
+    prompt = PROMPTS[1]
+    plain = greedy(gqa, [prompt], max_gen_len=5, logprobs=True)[0]
+    echoed = greedy(gqa, [prompt], max_gen_len=5, logprobs=True, echo=True)[0]
+    prompt_pieces = [gqa.tokenizer.decode([t]) for t in gqa.tokenizer.encode(prompt, bos=True, eos=False)]
+    assert len(plain["tokens"]) == 5
+    assert echoed["tokens"] == prompt_pieces + plain["tokens"]
+    assert echoed["logprobs"][len(prompt_pieces):] == plain["logprobs"] and echoed["logprobs"][0] == 0.0
+    assert echoed["generation"].startswith(prompt) and echoed["generation"].endswith(plain["generation"])
 
 
 def test_eos_cuts_and_stops(gqa):

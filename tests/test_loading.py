@@ -60,7 +60,6 @@ def test_offsets_refused_when_they_do_not_hold(ckpts, tmp_path):
     from llama.checkpoint import load_shard
 
     path = Path(ckpts["gqa1"]) / "consolidated.00.pth"
-    state = load_shard(path)
     other = load_shard(Path(ckpts["gqa2"]) / "consolidated.00.pth")
     assert loading.tensor_offsets(path, other) is None  # another file's tensors: the bytes differ
 

@@ -1,7 +1,6 @@
 """The command-line tools: random_checkpoint, reshard, check."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
