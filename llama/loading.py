@@ -1,8 +1,11 @@
-"""Moving weights from memory-mapped shards to their device, one tensor at a time.
+"""Moving weights from the shards to their device, one tensor at a time.
 
-On CUDA, bytes go through two pinned staging buffers: while the GPU copies one
-buffer, the CPU (torch's multithreaded copy, which also pages the file in) fills the
-other. Host memory stays at about one tensor plus the two buffers, whatever the model size.
+On CUDA, bytes go through pinned staging buffers, two per reader: while the GPU copies
+one, the CPU fills the other. A shard that loads as it is (no resharding) is read with
+plain sequential file reads at its tensors' offsets; otherwise each tensor is cut from
+the memory-mapped shards. Host memory stays at about one tensor plus the buffers,
+whatever the model size. On the CPU, a tensor already in the right dtype is used straight
+from the memory map.
 """
 
 import struct
