@@ -76,6 +76,42 @@ class HostMemory:
         return {k: v / 2**30 for k, v in self.peak.items()}
 
 
+def build_phases(ckpt_dir: str) -> dict:
+    """The steps of Llama.build one by one, each timed (seconds)."""
+    from llama import checkpoint, distributed, memory
+    from llama.loading import load_rank
+    from llama.model import Transformer
+    from llama.tokenizer import Tokenizer
+
+    times, t = {}, time.perf_counter()
+
+    def mark(name):
+        nonlocal t
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        times[name] = round(now - t, 3)
+        t = now
+
+    dev = distributed.choose_device(None)
+    distributed.init_model_parallel(None, dev)
+    mark("process group + fairscale")
+    tokenizer = Tokenizer(TOKENIZER)
+    args = checkpoint.model_args(ckpt_dir, max_seq_len=256, max_batch_size=1)
+    args.vocab_size = tokenizer.n_words
+    paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, 1)
+    memory.check_fits(args, torch.bfloat16, 1, dev)
+    mark("tokenizer + open and check shards")
+    with torch.device("meta"):
+        model = Transformer(args)
+    mark("meta model")
+    state = load_rank(paths, shards, 0, 1, dev, torch.bfloat16)
+    mark("weights to GPU")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_buffers(dev, torch.bfloat16)
+    mark("assign + buffers")
+    return times
+
+
 def child(mode: str, ckpt_dir: str):
     """One load, in this fresh process; prints a JSON line."""
     from llama import Llama
@@ -95,6 +131,8 @@ def child(mode: str, ckpt_dir: str):
             model = Transformer(args)  # random init, as nn.Linear does
         model.load_state_dict(sd, strict=False)
         torch.cuda.synchronize()
+    elif mode == "ours-phases":
+        extra["phases"] = build_phases(ckpt_dir)
     else:
         llama = Llama.build(ckpt_dir, TOKENIZER, max_seq_len=256, max_batch_size=1, fast=False)
         torch.cuda.synchronize()
@@ -129,7 +167,9 @@ def main():
                 while fh.read(1 << 26):
                     pass
     rows = []
-    for mode, name in [("ours", "7B"), ("reference", "7B"), ("ours", "7B"), ("reference", "7B"), ("ours-generate", "13B")]:
+    runs = [("ours", "7B"), ("reference", "7B"), ("ours", "7B"), ("reference", "7B"), ("ours-generate", "13B"),
+            ("ours-phases", "7B")]
+    for mode, name in runs:
         rows.append(run_child(mode, str(root / name)))
         print(json.dumps(rows[-1]), flush=True)
     print()
@@ -137,12 +177,15 @@ def main():
     print("| load | seconds | peak host anon GiB | peak host file-backed GiB | peak GPU GiB |")
     print("|---|---|---|---|---|")
     for r in rows:
+        if r["mode"] == "ours-phases":
+            continue
         label = {"ours": "ours", "reference": "reference-style", "ours-generate": "ours, 2 shards -> 1 GPU"}[r["mode"]]
         print(f"| {r['ckpt']} {label} | {r['seconds']:.2f} | {r['host_anon_gib']:.1f} | {r['host_file_gib']:.1f} | "
               f"{r['gpu_peak_gib']:.1f} |")
     ours = min(r["seconds"] for r in rows if r["mode"] == "ours")
     ref = min(r["seconds"] for r in rows if r["mode"] == "reference")
     print(f"7B: ours {ours:.2f} s vs reference-style {ref:.2f} s: {ref / ours:.1f}x faster")
+    print("7B, Llama.build step by step (s):", rows[-1]["phases"])
 
 
 if __name__ == "__main__":
