@@ -20,6 +20,7 @@ import torch
 from llama import Llama, ModelArgs, Transformer
 from llama.fast import FaithfulDecoder, FastDecoder
 from llama.fast.agreement import greedy_agreement
+from llama.loading import empty_model
 from llama.memory import param_count
 from llama.tools.random_checkpoint import random_tensor
 from llama.tokenizer import Tokenizer
@@ -61,8 +62,7 @@ def copy_bandwidth(gib: float = 4.0) -> float:
 
 def random_model(args: ModelArgs, dtype: torch.dtype) -> Transformer:
     """The model built on the meta device, then filled with seeded random weights on the GPU."""
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = empty_model(args)
     gen = torch.Generator(device="cuda").manual_seed(0)
     state = {k: random_tensor(k, tuple(v.shape), gen, dtype, "cuda") for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)

@@ -79,8 +79,7 @@ class HostMemory:
 def build_phases(ckpt_dir: str) -> dict:
     """The steps of Llama.build one by one, each timed (seconds)."""
     from llama import checkpoint, distributed, memory
-    from llama.loading import load_rank
-    from llama.model import Transformer
+    from llama.loading import empty_model, load_rank
     from llama.tokenizer import Tokenizer
 
     times, t = {}, time.perf_counter()
@@ -101,8 +100,7 @@ def build_phases(ckpt_dir: str) -> dict:
     paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, 1)
     memory.check_fits(args, torch.bfloat16, 1, dev)
     mark("tokenizer + open and check shards")
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = empty_model(args)
     mark("meta model")
     state = load_rank(paths, shards, 0, 1, dev, torch.bfloat16)
     mark("weights to GPU")

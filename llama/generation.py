@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from llama import checkpoint, distributed, memory
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
 from llama.fast import FaithfulDecoder, FastDecoder
-from llama.loading import load_rank
+from llama.loading import empty_model, load_rank
 from llama.model import Transformer
 from llama.parallel import parallelize
 from llama.sampling import Sampler
@@ -97,9 +97,7 @@ class Llama:
         paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size)
         memory.check_fits(args, dtype, mp_size, dev)
 
-        with torch.device("meta"):
-            model = Transformer(args)
-        parallelize(model, mp_size)
+        model = parallelize(empty_model(args), mp_size)
         state = load_rank(paths, shards, mp_rank, mp_size, dev, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         del state, shards

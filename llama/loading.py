@@ -12,13 +12,35 @@ import struct
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
+from torch import nn
+
+from llama.model import ModelArgs, Transformer
 
 CHUNK_BYTES = 128 << 20
 READERS = 4
+
+
+@contextmanager
+def _skip_init():
+    """nn.Linear and nn.Embedding skip their random initialisation (which, on the meta device,
+    also costs torch over a second the first time)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
+def empty_model(args: ModelArgs) -> Transformer:
+    """The model on the meta device, nothing allocated or initialised: weights load next."""
+    with _skip_init(), torch.device("meta"):
+        return Transformer(args)
 
 
 def _to_device_cpu(items: Iterable[Tuple[str, torch.Tensor]], device, dtype) -> Dict[str, torch.Tensor]:

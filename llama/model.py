@@ -238,6 +238,10 @@ class Transformer(nn.Module):
     def _freqs_cis(self) -> torch.Tensor:
         # The table covers 2 * max_seq_len positions, as the reference's does.
         p = self.params
+        if torch.empty(0).device.type == "meta":
+            # Built on the meta device: a placeholder until reset_buffers (and no computing,
+            # since torch's first complex op on meta costs over a second).
+            return torch.empty(p.max_seq_len * 2, p.head_dim // 2, dtype=torch.complex64)
         return precompute_freqs_cis(p.head_dim, p.max_seq_len * 2, p.rope_theta)
 
     def reset_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
