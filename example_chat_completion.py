@@ -7,7 +7,8 @@ Flags and defaults are those of Meta's reference example. Ask your own question 
 `--prompt "..."` (and `--system "..."`), or pass `--dialogs my_dialogs.json`, a JSON
 list of dialogs, each a list of {"role": ..., "content": ...} messages. `--stream` prints
 answers as they are generated; `--top_k`, `--repetition_penalty`, `--stop`, `--seed` (all
-off by default); `--dtype`; `--fast False` / `--compile False` as in the text example.
+off by default); `--dtype`; `--fast False` / `--compile False` / `--quantize int8|int4` as in
+the text example.
 For a conversation, see `python -m llama.tools.chat`.
 """
 
@@ -82,6 +83,7 @@ def main(
     dtype: Optional[str] = None,
     fast: Optional[bool] = None,
     compile: Optional[bool] = None,
+    quantize: Optional[str] = None,
 ):
     todo = load_dialogs(dialogs, prompt, system)
     generator = Llama.build(
@@ -92,6 +94,7 @@ def main(
         dtype=dtype,
         fast=fast,
         compile=compile,
+        quantize=quantize,
     )
     controls = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
                     repetition_penalty=repetition_penalty, stop=stop, seed=seed)

@@ -7,7 +7,7 @@ Flags and defaults are those of Meta's reference example. Beyond them: `--prompt
 completes your own text instead of the built-in prompts; `--stream` prints text as it is
 generated; `--top_k`, `--repetition_penalty`, `--stop`, `--seed` (all off by default);
 `--dtype` (e.g. float16); `--fast False` / `--compile False` turn the fast GPU path or
-its compilation off.
+its compilation off; `--quantize int8|int4` quantizes the weights while loading.
 """
 
 from typing import Optional
@@ -53,6 +53,7 @@ def main(
     dtype: Optional[str] = None,
     fast: Optional[bool] = None,
     compile: Optional[bool] = None,
+    quantize: Optional[str] = None,
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -62,6 +63,7 @@ def main(
         dtype=dtype,
         fast=fast,
         compile=compile,
+        quantize=quantize,
     )
     prompts = [str(prompt)] if prompt is not None else PROMPTS
     controls = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,

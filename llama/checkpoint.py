@@ -36,9 +36,16 @@ class CheckpointError(ValueError):
 
 
 def split_dim(key: str) -> Optional[int]:
-    """The dim along which `key` is split across shards, or None if every shard holds all of it."""
+    """The dim along which `key` is split across shards, or None if every shard holds all of it.
+
+    A quantized weight's scales and zeros split with it (`llama.quant`), except an int8
+    row-parallel layer's per-output-channel scale, which every shard holds whole.
+    """
     parts = key.split(".")
-    return SPLIT_DIMS.get(parts[-2]) if len(parts) >= 2 else None
+    if len(parts) < 2:
+        return None
+    dim = SPLIT_DIMS.get(parts[-2])
+    return None if parts[-1] == "weight_scale" and dim == 1 else dim
 
 
 def _checkpoint_dir(ckpt_dir) -> Path:
@@ -88,9 +95,13 @@ def model_args(ckpt_dir, **overrides) -> ModelArgs:
     from llama import hf
 
     params = hf.params_from_config(hf.read_config(ckpt_dir)) if hf.is_hf_dir(ckpt_dir) else load_params(ckpt_dir)
+    from llama import quant
+
     try:
-        return ModelArgs.from_params(params, **overrides)
-    except TypeError as e:
+        args = ModelArgs.from_params(params, **overrides)
+        quant.spec_from_params(args.quantization)
+        return args
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"params.json in {str(ckpt_dir)!r} does not describe a Llama model: {e}") from None
 
 
@@ -188,11 +199,17 @@ def check_shards(paths: Sequence[Path], shards: Sequence[StateDict]) -> None:
                 )
 
 
-def valid_world_sizes(args: ModelArgs, upto: int = 64) -> List[int]:
-    """World sizes whose ranks each get whole heads and equal slices of every split weight."""
+def valid_world_sizes(args: ModelArgs, upto: int = 64, spec=None) -> List[int]:
+    """World sizes whose ranks each get whole heads and equal slices of every split weight
+    (and, for int4 weights, whole groups: `spec`, or the checkpoint's own quantization)."""
+    from llama import quant
+
     sizes = (args.n_heads, args.kv_heads, args.dim, args.ffn_hidden_dim)
     if args.vocab_size > 0:
         sizes += (args.vocab_size,)
+    spec = spec or quant.spec_from_params(args.quantization)
+    if spec is not None and spec.mode == "int4":
+        sizes += (args.dim // spec.group, args.ffn_hidden_dim // spec.group)
     return [m for m in range(1, upto + 1) if all(s % m == 0 for s in sizes)]
 
 
@@ -216,9 +233,25 @@ def expected_shapes(args: ModelArgs) -> Dict[str, tuple]:
     return shapes
 
 
+def stored_shapes(args: ModelArgs) -> Dict[str, tuple]:
+    """{key: (shape, dtype or None)} of the tensors a checkpoint of `args` holds: the float
+    weights, or for a quantized checkpoint (params.json `quantization`) their quantized form."""
+    from llama import quant
+
+    spec = quant.spec_from_params(args.quantization)
+    out = {}
+    for key, shape in expected_shapes(args).items():
+        if spec is not None and quant.is_quantized_layer(key):
+            out.update(quant.stored_shapes(key, shape, spec))
+        else:
+            out[key] = (shape, None)
+    return out
+
+
 def check_against_params(args: ModelArgs, shards: Sequence[StateDict], ckpt_dir) -> None:
     """Raises CheckpointError if the weights are not the shapes params.json (and the tokenizer) imply."""
-    expected = expected_shapes(args)
+    stored = stored_shapes(args)
+    expected = {k: shape for k, (shape, _) in stored.items()}
     missing = sorted(set(expected) - set(shards[0]))
     if missing:
         raise CheckpointError(
@@ -241,10 +274,21 @@ def check_against_params(args: ModelArgs, shards: Sequence[StateDict], ckpt_dir)
                 f"(dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.kv_heads}, "
                 f"vocab_size={args.vocab_size}): {hint}"
             )
+        dtype = stored[key][1]
+        if dtype is not None and _dtype_of(shards[0], key) not in (None, dtype):
+            raise CheckpointError(
+                f"{key} is {_dtype_of(shards[0], key)} but params.json says the weights are quantized "
+                f"({args.quantization}), which stores it as {dtype}: the files and params.json do not belong together"
+            )
 
 
-def open_checkpoint(ckpt_dir, args: ModelArgs, world_size: int):
-    """Opens and checks every shard (memory-mapped) for loading on `world_size` ranks.
+def _dtype_of(shard, key: str) -> Optional[torch.dtype]:
+    return None if hasattr(shard, "shape_of") else shard[key].dtype
+
+
+def open_checkpoint(ckpt_dir, args: ModelArgs, world_size: int, spec=None):
+    """Opens and checks every shard (memory-mapped) for loading on `world_size` ranks
+    (quantized to `spec` while loading, if given).
 
     A Hugging Face folder opens as one whole shard, converted to Meta's layout lazily.
     """
@@ -257,10 +301,11 @@ def open_checkpoint(ckpt_dir, args: ModelArgs, world_size: int):
         shards = [load_shard(p) for p in paths]
     check_shards(paths, shards)
     check_against_params(args, shards, ckpt_dir)
-    if world_size not in valid_world_sizes(args, upto=max(world_size, 1)):
-        good = ", ".join(str(m) for m in valid_world_sizes(args, upto=16))
+    if world_size not in valid_world_sizes(args, upto=max(world_size, 1), spec=spec):
+        good = ", ".join(str(m) for m in valid_world_sizes(args, upto=16, spec=spec))
+        groups = f", int4 groups of {spec.group}" if spec is not None and spec.mode == "int4" else ""
         raise CheckpointError(
-            f"this model ({len(paths)} shard(s), n_heads={args.n_heads}, n_kv_heads={args.kv_heads}) "
+            f"this model ({len(paths)} shard(s), n_heads={args.n_heads}, n_kv_heads={args.kv_heads}{groups}) "
             f"cannot be split over {world_size} processes; it runs with --nproc_per_node in: {good}"
         )
     return paths, shards

@@ -7,7 +7,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed, memory
+from llama import checkpoint, distributed, memory, quant
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, encode_dialog, has_special_tags, validate_dialog
 from llama.fast import FaithfulDecoder, FastDecoder
 from llama.loading import empty_model, load_rank
@@ -42,6 +42,23 @@ class _State:
     total_len: int
 
 
+def _quant_spec(ckpt_dir, args, quantize, group_size) -> Tuple[Optional[quant.Spec], bool]:
+    """(how the linear layers are quantized or None, whether that happens while loading)."""
+    quant.check_mode(quantize)
+    saved = quant.spec_from_params(args.quantization)
+    if saved is not None:
+        if quantize not in (None, saved.mode):
+            raise ValueError(
+                f"{str(ckpt_dir)!r} is already quantized to {saved.mode}: build it with quantize=None "
+                f"(or '{saved.mode}'), or quantize the original checkpoint to {quantize}"
+            )
+        return saved, False
+    if quantize is None:
+        return None, False
+    group = quant.choose_group(args.dim, args.ffn_hidden_dim, group_size) if quantize == "int4" else quant.DEFAULT_GROUP
+    return quant.Spec(quantize, group), True
+
+
 class Llama:
     @staticmethod
     def build(
@@ -56,6 +73,8 @@ class Llama:
         device: Optional[str] = None,
         fast: Optional[bool] = None,
         compile: Optional[bool] = None,
+        quantize: Optional[str] = None,
+        group_size: int = quant.DEFAULT_GROUP,
     ) -> "Llama":
         """Loads a Meta checkpoint and tokenizer, ready to generate.
 
@@ -73,9 +92,13 @@ class Llama:
             device: 'cuda', 'cpu' or 'mps'; default CUDA when present.
             fast: decode with the fast path (static cache, fused projections, CUDA graphs);
                 default on CUDA. False runs the reference's forward pass.
-            compile: torch.compile the fast path's per-layer pieces (True, False or
-                'max-autotune'); default on CUDA with one process. With model parallel the
-                fast path runs without compilation and CUDA graphs unless compile=True.
+            compile: torch.compile the fast path's per-layer pieces (True, False, 'tuned' or
+                'max-autotune'); default on CUDA.
+            quantize: 'int8' or 'int4' to quantize the linear layers' weights while loading
+                (weight-only; int8 per output channel, int4 per group of `group_size` inputs).
+                A checkpoint saved quantized (`python -m llama.tools.quantize`) loads as
+                it is, whatever this says, unless it names another mode.
+            group_size: input columns per int4 scale (smaller for models narrower than it).
 
         Returns:
             A Llama holding the model and tokenizer.
@@ -94,11 +117,14 @@ class Llama:
         tokenizer = Tokenizer(model_path=tokenizer_path)
         args = checkpoint.model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         args.vocab_size = checkpoint.vocab_size(ckpt_dir, args, tokenizer.n_words)
-        paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size)
-        memory.check_fits(args, dtype, mp_size, dev)
+        spec, quantizing = _quant_spec(ckpt_dir, args, quantize, group_size)
+        paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size, spec if quantizing else None)
+        memory.check_fits(args, dtype, mp_size, dev, spec=spec, quantizing=quantizing)
 
         model = parallelize(empty_model(args), mp_size)
-        state = load_rank(paths, shards, mp_rank, mp_size, dev, dtype)
+        if spec is not None:
+            quant.quantize_modules(model, spec)
+        state = load_rank(paths, shards, mp_rank, mp_size, dev, dtype, spec if quantizing else None)
         model.load_state_dict(state, strict=True, assign=True)
         del state, shards
         model.requires_grad_(False)
@@ -107,13 +133,11 @@ class Llama:
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         if fast is None:
             fast = dev.type == "cuda"
-        decoder = None
-        if fast and mp_size == 1:
-            decoder = FastDecoder(model, compile=compile)
-        elif fast:
-            # fairscale's collectives neither compile whole nor have been checked inside CUDA
-            # graphs: under model parallel the fast path runs eagerly unless compile=True.
-            decoder = FastDecoder(model, compile=bool(compile), cuda_graphs=False)
+        # Under model parallel too: compiled pieces and CUDA graphs around NCCL's all-reduces
+        # (checked on 2 GPUs, benchmarks/RESULTS.md).
+        decoder = FastDecoder(model, compile=compile) if fast else None
+        if spec is not None:
+            quant.prepare(model, dtype)  # after the fast path has joined its projections
         return Llama(model, tokenizer, decoder)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, decoder=None):

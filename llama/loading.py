@@ -14,7 +14,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -43,39 +43,55 @@ def empty_model(args: ModelArgs) -> Transformer:
         return Transformer(args)
 
 
-def _to_device_cpu(items: Iterable[Tuple[str, torch.Tensor]], device, dtype) -> Dict[str, torch.Tensor]:
-    # Same dtype on CPU: the memory-mapped tensor is used as it is (no copy).
-    return {k: v.to(device=device, dtype=dtype) for k, v in items}
+def as_dtype(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in the model's `dtype` if it is a float weight; quantized weights and their scales
+    keep their own dtypes (`llama.quant`)."""
+    from llama import quant
+
+    if not t.is_floating_point() or t.dtype == dtype or quant.is_aux_key(key):
+        return t
+    return t.to(dtype)
+
+
+def iter_to_device(items: Iterable[Tuple[str, torch.Tensor]], device: torch.device) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(key, tensor on `device`) for each (key, CPU tensor), moved one at a time as asked for.
+
+    On CUDA the bytes go through two pinned buffers on a side stream; each tensor is ready
+    for the current stream when yielded. On the CPU a tensor is used as it is (no copy).
+    """
+    if device.type != "cuda":
+        yield from ((k, v.to(device)) for k, v in items)
+        return
+    staging = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    done = [None, None]
+    stream, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    n = 0
+    for key, cpu in items:
+        cpu = cpu.contiguous()
+        gpu = torch.empty(cpu.shape, dtype=cpu.dtype, device=device)  # on the current stream
+        stream.wait_stream(current)  # its memory may have been in use there until now
+        src, dst = cpu.reshape(-1).view(torch.uint8), gpu.reshape(-1).view(torch.uint8)
+        for start in range(0, src.numel(), CHUNK_BYTES):
+            size = min(CHUNK_BYTES, src.numel() - start)
+            buf = n % 2
+            if done[buf] is not None:
+                done[buf].synchronize()  # the GPU has finished reading this buffer
+            staging[buf][:size].copy_(src[start : start + size])
+            with torch.cuda.stream(stream):
+                dst[start : start + size].copy_(staging[buf][:size], non_blocking=True)
+                done[buf] = torch.cuda.Event()
+                done[buf].record(stream)
+            n += 1
+        current.wait_stream(stream)
+        del cpu, src
+        yield key, gpu
+    stream.synchronize()
 
 
 def load_to_device(items: Iterable[Tuple[str, torch.Tensor]], device: torch.device,
                    dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """{key: tensor on `device` in `dtype`} from (key, CPU tensor) pairs, consumed lazily."""
-    if device.type != "cuda":
-        return _to_device_cpu(items, device, dtype)
-    staging = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-    done = [None, None]
-    stream = torch.cuda.Stream(device)
-    out, n = {}, 0
-    with torch.cuda.stream(stream):
-        for key, cpu in items:
-            cpu = cpu.contiguous()
-            gpu = torch.empty(cpu.shape, dtype=cpu.dtype, device=device)
-            src, dst = cpu.reshape(-1).view(torch.uint8), gpu.reshape(-1).view(torch.uint8)
-            for start in range(0, src.numel(), CHUNK_BYTES):
-                size = min(CHUNK_BYTES, src.numel() - start)
-                buf = n % 2
-                if done[buf] is not None:
-                    done[buf].synchronize()  # the GPU has finished reading this buffer
-                staging[buf][:size].copy_(src[start : start + size])
-                dst[start : start + size].copy_(staging[buf][:size], non_blocking=True)
-                done[buf] = torch.cuda.Event()
-                done[buf].record(stream)
-                n += 1
-            out[key] = gpu if gpu.dtype == dtype else gpu.to(dtype)
-            del cpu
-    stream.synchronize()
-    return out
+    return {k: as_dtype(k, t, dtype) for k, t in iter_to_device(items, device)}
 
 
 def tensor_offsets(path: Path, state: Dict[str, torch.Tensor]) -> Optional[Dict[str, int]]:
@@ -160,21 +176,47 @@ def read_to_device(path: Path, state: Dict[str, torch.Tensor], offsets: Dict[str
 
     with ThreadPoolExecutor(READERS) as pool:
         list(pool.map(worker, range(READERS)))
-    return {k: (t if t.dtype == dtype else t.to(dtype)) for k, t in out.items()}
+    return {k: as_dtype(k, t, dtype) for k, t in out.items()}
 
 
 def load_rank(paths, shards, rank: int, world_size: int, device: torch.device,
-              dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """This rank's weights on `device` in `dtype`, from Meta's shards (any shard count).
+              dtype: torch.dtype, spec=None) -> Dict[str, torch.Tensor]:
+    """This rank's weights on `device` in `dtype`, from Meta's shards (any shard count);
+    with a `quant.Spec`, the linear layers quantized one tensor at a time on `device`.
 
     On CUDA, when this rank's shard is one file as it is, that file is read directly;
     otherwise each tensor is cut from the memory-mapped shards and staged.
     """
     from llama.checkpoint import UNUSED_KEYS, iter_rank_state
 
+    if spec is not None:
+        return _load_quantized(shards, rank, world_size, device, dtype, spec)
     if device.type == "cuda" and len(shards) == world_size and isinstance(shards[rank], dict):
         offsets = tensor_offsets(paths[rank], shards[rank])
         if offsets is not None:
             keys = [k for k in shards[rank] if k not in UNUSED_KEYS]
             return read_to_device(paths[rank], shards[rank], offsets, keys, device, dtype)
     return load_to_device(iter_rank_state(shards, rank, world_size), device, dtype)
+
+
+def _load_quantized(shards, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+                    spec) -> Dict[str, torch.Tensor]:
+    """Float weights quantized as they arrive on the device: at most one is there in 16 bit.
+
+    An int8 row-parallel slice takes its scale from the whole row, so any world size gives
+    the same numbers as one process.
+    """
+    from llama import quant
+    from llama.checkpoint import iter_rank_state, rank_tensor, split_dim
+
+    out = {}
+    for key, t in iter_to_device(iter_rank_state(shards, rank, world_size), device):
+        if not quant.is_quantized_layer(key):
+            out[key] = as_dtype(key, t, dtype)
+            continue
+        absmax = None
+        if spec.mode == "int8" and world_size > 1 and split_dim(key) == 1:
+            absmax = rank_tensor(key, shards, 0, 1).abs().amax(dim=1).to(device)
+        out.update(quant.quantize_weight(key, t, spec, absmax))
+        del t
+    return out

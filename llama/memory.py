@@ -57,9 +57,18 @@ def free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def _fitting(args: ModelArgs, dtype, world_size, budget, weight_bytes) -> List[str]:
+def _fitting(args: ModelArgs, dtype, world_size, budget, weight_bytes, quantized: bool) -> List[str]:
     """Settings that would fit `budget` bytes per process."""
+    from llama import quant
+
     hints = []
+    if not quantized:
+        for mode in ("int8", "int4"):
+            spec = quant.Spec(mode, quant.choose_group(args.dim, args.ffn_hidden_dim))
+            weights = quant.model_bytes(args, spec, dtype, world_size, loading=True)
+            if weights + plan(args, dtype, world_size, 0).kv_cache <= budget:
+                hints.append(f"quantize='{mode}' (--quantize {mode})")
+                break
     per_proc = plan(args, dtype, world_size, weight_bytes).weights
     room = budget - per_proc
     if room > 0:
@@ -82,16 +91,25 @@ def _fitting(args: ModelArgs, dtype, world_size, budget, weight_bytes) -> List[s
 
 
 def check_fits(args: ModelArgs, dtype: torch.dtype, world_size: int, device: torch.device,
-               weight_bytes: Optional[int] = None, headroom: float = 0.95) -> MemoryPlan:
-    """Raises MemoryError, saying what would fit, if weights + KV cache exceed the device's free memory."""
+               weight_bytes: Optional[int] = None, headroom: float = 0.95, spec=None,
+               quantizing: bool = False) -> MemoryPlan:
+    """Raises MemoryError, saying what would fit, if weights + KV cache exceed the device's free memory.
+
+    spec: the `quant.Spec` of quantized linear layers (`quantizing`: quantized while loading).
+    """
+    from llama import quant
+
+    if spec is not None and weight_bytes is None:
+        weight_bytes = quant.model_bytes(args, spec, dtype, 1, loading=quantizing) * world_size
     need = plan(args, dtype, world_size, weight_bytes)
     free = free_bytes(device)
     if free is None or need.total <= free * headroom:
         return need
-    hints = _fitting(args, dtype, world_size, int(free * headroom), weight_bytes)
+    hints = _fitting(args, dtype, world_size, int(free * headroom), weight_bytes, spec is not None)
+    what = spec.mode if spec is not None else str(dtype).replace("torch.", "")
     raise MemoryError(
         f"the model needs {need.total / GiB:.2f} GiB on {device} per process "
-        f"({need.weights / GiB:.2f} GiB weights in {str(dtype).replace('torch.', '')} + "
+        f"({need.weights / GiB:.2f} GiB weights in {what} + "
         f"{need.kv_cache / GiB:.2f} GiB KV cache for max_batch_size={args.max_batch_size} x "
         f"max_seq_len={args.max_seq_len}) but only {free / GiB:.2f} GiB is free. "
         + ("It would fit with: " + "; or ".join(hints) + "." if hints else "Use a larger device or more of them.")

@@ -30,6 +30,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Code Llama sets 1e6
     ffn_hidden_size: Optional[int] = None  # set: the SwiGLU hidden size as it is (Hugging Face's intermediate_size)
+    quantization: Optional[Dict[str, Any]] = None  # a quantized checkpoint's {"mode": "int8"|"int4", ...} (llama.quant)
 
     max_batch_size: int = 32
     max_seq_len: int = 2048

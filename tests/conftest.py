@@ -70,9 +70,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# LLAMA_TEST_MP_DEVICE=cuda runs the multi-process tests on GPUs with NCCL (one GPU a process).
+MP_ON_CUDA = os.environ.get("LLAMA_TEST_MP_DEVICE", "cpu") == "cuda"
+
+
 def torchrun(nproc: int, *args: str, timeout: int = 300, stdin=None) -> subprocess.CompletedProcess:
-    """Runs `python -m torch.distributed.run` with `nproc` gloo processes on CPU."""
+    """Runs `python -m torch.distributed.run` with `nproc` gloo processes on CPU (or, with
+    LLAMA_TEST_MP_DEVICE=cuda, NCCL processes on GPUs; skipped when there are too few)."""
+    if MP_ON_CUDA and nproc > torch.cuda.device_count():
+        pytest.skip(f"needs {nproc} GPUs, {torch.cuda.device_count()} visible")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    if not MP_ON_CUDA:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, stdin=stdin)

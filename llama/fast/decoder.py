@@ -38,25 +38,32 @@ class _Graph:
     logits: torch.Tensor  # (bs, 1, vocab) static output
 
 
-COMPILE_MODES = {True: None, "default": None, "max-autotune": "max-autotune-no-cudagraphs"}
+# torch.compile arguments of each `compile` setting. "tuned": matrix-vector products at batch 1
+# become Triton reductions fused with their neighbours, tuned by coordinate descent.
+COMPILE_MODES = {
+    True: {},
+    "default": {},
+    "tuned": {"options": {"coordinate_descent_tuning": True}},
+    "max-autotune": {"mode": "max-autotune-no-cudagraphs"},
+}
 
 
 def _compiler(mode):
     """torch.compile for the per-layer pieces; one compiled piece serves every layer."""
     if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be True, False or 'max-autotune', got {mode!r}")
+        raise ValueError(f"compile must be True, False, 'tuned' or 'max-autotune', got {mode!r}")
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # one compile per layer shape, not per layer
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    return lambda fn: torch.compile(fn, fullgraph=True, mode=COMPILE_MODES[mode])
+    return lambda fn: torch.compile(fn, fullgraph=True, **COMPILE_MODES[mode])
 
 
 class FastDecoder:
     """Static-shape decoding on the model's own cache; CUDA graphs and compilation on GPU."""
 
     def __init__(self, model: Transformer, compile=None, cuda_graphs: Optional[bool] = None):
-        """compile: True, False or 'max-autotune' (longer warm-up); default True on CUDA."""
+        """compile: True, False, 'tuned' or 'max-autotune' (longer warm-ups); default True on CUDA."""
         self.device = model.output.weight.device
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile

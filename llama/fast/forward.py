@@ -16,19 +16,42 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from llama import quant
 from llama.model import Transformer, TransformerBlock
 
 _HAS_GQA_SDPA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def fuse_projections(model: Transformer) -> None:
-    """Gives each layer `attention.wqkv` and `feed_forward.w13`; the old weights become views of them."""
+    """Gives each layer `attention.wqkv` and `feed_forward.w13`; the old weights become views of
+    them (quantized layers: slices of the joined layer's output)."""
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         if hasattr(attn, "wqkv"):
             continue
+        if isinstance(attn.wq, quant.QuantLinear):
+            attn.wqkv = _join_quantized(attn, ("wq", "wk", "wv"))
+            ffn.w13 = _join_quantized(ffn, ("w1", "w3"))
+            continue
         attn.wqkv = _fuse([attn.wq, attn.wk, attn.wv])
         ffn.w13 = _fuse([ffn.w1, ffn.w3])
+
+
+def _join_quantized(module, names) -> quant.QuantLinear:
+    parts = [getattr(module, name) for name in names]
+    if any(p.kernel is not None for p in parts):
+        raise RuntimeError("the fast path joins quantized projections before quant.prepare(model): build it first")
+    joined = quant.QuantLinear.cat(parts)
+    start = 0
+    for name, part in zip(names, parts):
+        setattr(module, name, quant.QuantSlice(joined, start, start + part.out_features))
+        start += part.out_features
+    return joined
+
+
+def _linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for a weight tensor, or a quantized layer's output."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
 
 
 def _fuse(linears) -> torch.Tensor:
@@ -77,7 +100,7 @@ def attention_inputs(
     x = layer.attention_norm(h)
     q_size = attn.n_local_heads * attn.head_dim
     kv_size = attn.n_local_kv_heads * attn.head_dim
-    xq, xk, xv = F.linear(x, attn.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+    xq, xk, xv = _linear(x, attn.wqkv).split([q_size, kv_size, kv_size], dim=-1)
     xq = apply_rope(xq.view(bs, seqlen, attn.n_local_heads, attn.head_dim), cos, sin)
     xk = apply_rope(xk.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim), cos, sin)
     return xq, torch.stack([xk, xv.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim)])
@@ -88,7 +111,7 @@ def block_output(layer: TransformerBlock, h: torch.Tensor, attn_out: torch.Tenso
     bs, seqlen = h.shape[:2]
     h = h + layer.attention.wo(attn_out.transpose(1, 2).reshape(bs, seqlen, -1))
     ffn = layer.feed_forward
-    gate, up = F.linear(layer.ffn_norm(h), ffn.w13).chunk(2, dim=-1)
+    gate, up = _linear(layer.ffn_norm(h), ffn.w13).chunk(2, dim=-1)
     return h + ffn.w2(F.silu(gate) * up)
 
 

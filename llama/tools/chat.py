@@ -139,12 +139,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dtype", default=None)
     p.add_argument("--fast", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights while loading")
     a = p.parse_args(argv)
 
     from llama import Llama
 
     llama = Llama.build(a.ckpt_dir, a.tokenizer_path, max_seq_len=a.max_seq_len, max_batch_size=1, seed=a.seed,
-                        dtype=a.dtype, fast=a.fast)
+                        dtype=a.dtype, fast=a.fast, quantize=a.quantize)
     session = ChatSession(llama, a.system, a.max_gen_len, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           repetition_penalty=a.repetition_penalty, stop=a.stop)
     if sys.stdin.isatty() and is_rank_zero():

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from llama import checkpoint as ck
-from llama import hf
+from llama import hf, quant
 from llama.memory import GiB, kv_cache_bytes, param_count
 from llama.model import ModelArgs
 
@@ -63,11 +63,26 @@ def check_md5(ckpt_dir: Path, problems: List[str]) -> None:
 
 
 def memory_table(args: ModelArgs, sizes: List[int]) -> None:
+    """GiB per process for each world size: this checkpoint's own quantization, or 16 and 32
+    bit and the quantized modes Llama.build(quantize=...) offers."""
     print("memory per process (weights + KV cache for 1 sequence of 4096 tokens):")
-    for dtype, name in ((torch.bfloat16, "bf16/fp16"), (torch.float32, "float32")):
-        weights = param_count(args) * torch.empty((), dtype=dtype).element_size()
+    saved = quant.spec_from_params(args.quantization)
+    rows = [(torch.bfloat16, saved.mode, saved)] if saved else [(torch.bfloat16, "bf16/fp16", None), (torch.float32, "float32", None)]
+    if not saved:
+        group = quant.choose_group(args.dim, args.ffn_hidden_dim)
+        rows += [(torch.bfloat16, f"{mode} (--quantize {mode})", quant.Spec(mode, group)) for mode in quant.MODES]
+    for dtype, name, spec in rows:
         cache = kv_cache_bytes(args, dtype, 1, 4096)
-        print(f"  {name}: " + ", ".join(f"{m} proc: {(weights + cache) / m / GiB:.2f} GiB" for m in sizes))
+        cells = []
+        for m in sizes:
+            if spec is None:
+                weights = param_count(args) * torch.empty((), dtype=dtype).element_size() / m
+            elif m not in ck.valid_world_sizes(args, upto=m, spec=spec):
+                continue
+            else:
+                weights = quant.model_bytes(args, spec, dtype, m)
+            cells.append(f"{m} proc: {(weights + cache / m) / GiB:.2f} GiB")
+        print(f"  {name}: " + ", ".join(cells))
 
 
 def check(ckpt_dir, tokenizer_path: Optional[str] = None, md5: bool = True) -> List[str]:
@@ -81,7 +96,8 @@ def check(ckpt_dir, tokenizer_path: Optional[str] = None, md5: bool = True) -> L
         paths = ck.shard_paths(ckpt_dir)
     except ck.CheckpointError as e:
         return [str(e)]
-    print(f"{ckpt_dir}: {recognise(params)}; params.json {params}")
+    quantized = f", quantized {params['quantization']}" if params.get("quantization") else ""
+    print(f"{ckpt_dir}: {recognise(params)}{quantized}; params.json {params}")
     shards = []
     for p in paths:
         try:

@@ -36,6 +36,9 @@ def meta_to_hf(ckpt_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 
     if out.exists() and any(out.glob("*.safetensors")):
         raise ck.CheckpointError(f"{str(out)!r} already holds a checkpoint; choose an empty folder")
     params = ck.load_params(ckpt_dir)
+    if params.get("quantization"):
+        raise ck.CheckpointError(f"{str(ckpt_dir)!r} is quantized ({params['quantization']}); convert the "
+                                 "original bf16 checkpoint (Hugging Face's format here holds float weights)")
     paths = ck.shard_paths(ckpt_dir)
     shards = [ck.load_shard(p) for p in paths]
     ck.check_shards(paths, shards)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from llama.checkpoint import expected_shapes, reshard, save_checkpoint
+from llama.checkpoint import expected_shapes, save_checkpoint, shard_for_rank
 from llama.model import ModelArgs, precompute_freqs_cis
 
 
@@ -36,11 +36,15 @@ def random_state(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.bflo
 
 
 def write_random_checkpoint(out_dir, params: dict, vocab_size: int = 32000, shards: int = 1,
-                            seed: int = 0, dtype: torch.dtype = torch.bfloat16):
-    """Writes `shards` consolidated.NN.pth files and params.json to `out_dir`; returns the paths."""
+                            seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    """Writes `shards` consolidated.NN.pth files and params.json to `out_dir`; returns the paths.
+
+    device: where the random numbers are made ('cuda' is much faster for real sizes; the
+    weights differ from the CPU's for the same seed)."""
     args = ModelArgs.from_params(params, vocab_size=vocab_size)
-    whole = random_state(args, seed=seed, dtype=dtype)
-    return save_checkpoint(reshard([whole], shards), params, out_dir)
+    whole = random_state(args, seed=seed, dtype=dtype, device=device)
+    parts = ({k: v.cpu() for k, v in shard_for_rank([whole], r, shards).items()} for r in range(shards))
+    return save_checkpoint(parts, params, out_dir)
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -58,6 +62,7 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cpu", help="where to make the random numbers (cuda: faster for big models)")
     a = p.parse_args(argv)
     params = {"dim": a.dim, "multiple_of": a.multiple_of, "n_heads": a.n_heads, "n_layers": a.n_layers,
               "norm_eps": a.norm_eps, "vocab_size": -1}
@@ -67,7 +72,7 @@ def main(argv: Optional[list] = None) -> None:
         params["ffn_dim_multiplier"] = a.ffn_dim_multiplier
     if a.rope_theta is not None:
         params["rope_theta"] = a.rope_theta
-    paths = write_random_checkpoint(a.out_dir, params, a.vocab_size, a.shards, a.seed, getattr(torch, a.dtype))
+    paths = write_random_checkpoint(a.out_dir, params, a.vocab_size, a.shards, a.seed, getattr(torch, a.dtype), a.device)
     print(f"wrote {len(paths)} shard(s), params.json and checklist.chk to {a.out_dir}")
 
 
