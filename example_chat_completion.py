@@ -18,7 +18,7 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
-from llama.distributed import shutdown
+from llama.distributed import run_main
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -118,5 +118,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
-    shutdown()
+    run_main(lambda: fire.Fire(main))

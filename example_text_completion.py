@@ -15,7 +15,7 @@ from typing import Optional
 import fire
 
 from llama import Llama
-from llama.distributed import shutdown
+from llama.distributed import run_main
 
 PROMPTS = [
     # Plain prompts: the expected answer is the natural continuation.
@@ -86,5 +86,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
-    shutdown()
+    run_main(lambda: fire.Fire(main))

@@ -3,7 +3,7 @@
 import os
 import socket
 import sys
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -134,3 +134,18 @@ def shutdown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def run_main(entry: Callable[[], object]) -> None:
+    """Runs a command-line entry point, then `shutdown`. A user error (a bad path, size or
+    value: ValueError, which CheckpointError is, MemoryError or FileNotFoundError) prints as
+    one line `error: ...` on rank 0 and exits with status 2, instead of a traceback."""
+    try:
+        entry()
+    except (ValueError, MemoryError, FileNotFoundError) as e:
+        if is_rank_zero():
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+    shutdown()

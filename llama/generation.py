@@ -42,7 +42,7 @@ class _State:
     total_len: int
 
 
-def _quant_spec(ckpt_dir, args, quantize, group_size) -> Tuple[Optional[quant.Spec], bool]:
+def _quant_spec(ckpt_dir, args, quantize, group_size, world_size) -> Tuple[Optional[quant.Spec], bool]:
     """(how the linear layers are quantized or None, whether that happens while loading)."""
     quant.check_mode(quantize)
     saved = quant.spec_from_params(args.quantization)
@@ -55,7 +55,9 @@ def _quant_spec(ckpt_dir, args, quantize, group_size) -> Tuple[Optional[quant.Sp
         return saved, False
     if quantize is None:
         return None, False
-    group = quant.choose_group(args.dim, args.ffn_hidden_dim, group_size) if quantize == "int4" else quant.DEFAULT_GROUP
+    if quantize == "int8":
+        return quant.Spec("int8"), True
+    group = quant.choose_group(args.dim, args.ffn_hidden_dim, group_size, world_size)
     return quant.Spec(quantize, group), True
 
 
@@ -98,7 +100,8 @@ class Llama:
                 (weight-only; int8 per output channel, int4 per group of `group_size` inputs).
                 A checkpoint saved quantized (`python -m llama.tools.quantize`) loads as
                 it is, whatever this says, unless it names another mode.
-            group_size: input columns per int4 scale (smaller for models narrower than it).
+            group_size: input columns per int4 scale; smaller where the model's widths split
+                over the processes need it.
 
         Returns:
             A Llama holding the model and tokenizer.
@@ -117,7 +120,7 @@ class Llama:
         tokenizer = Tokenizer(model_path=tokenizer_path)
         args = checkpoint.model_args(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         args.vocab_size = checkpoint.vocab_size(ckpt_dir, args, tokenizer.n_words)
-        spec, quantizing = _quant_spec(ckpt_dir, args, quantize, group_size)
+        spec, quantizing = _quant_spec(ckpt_dir, args, quantize, group_size, mp_size)
         paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, mp_size, spec if quantizing else None)
         memory.check_fits(args, dtype, mp_size, dev, spec=spec, quantizing=quantizing)
 

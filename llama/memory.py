@@ -64,7 +64,7 @@ def _fitting(args: ModelArgs, dtype, world_size, budget, weight_bytes, quantized
     hints = []
     if not quantized:
         for mode in ("int8", "int4"):
-            spec = quant.Spec(mode, quant.choose_group(args.dim, args.ffn_hidden_dim))
+            spec = quant.Spec(mode, quant.choose_group(args.dim, args.ffn_hidden_dim, world_size=world_size))
             weights = quant.model_bytes(args, spec, dtype, world_size, loading=True)
             if weights + plan(args, dtype, world_size, 0).kv_cache <= budget:
                 hints.append(f"quantize='{mode}' (--quantize {mode})")

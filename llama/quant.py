@@ -49,12 +49,15 @@ def check_mode(mode) -> Optional[str]:
     raise ValueError(f"quantize must be None, 'int8' or 'int4', got {mode!r}")
 
 
-def choose_group(dim: int, hidden_dim: int, group: int = DEFAULT_GROUP) -> int:
-    """`group`, or the largest power of two below it that divides both input sizes
-    (dim for wq..w3 and output, hidden_dim for w2), for models narrower than a group."""
+def choose_group(dim: int, hidden_dim: int, group: int = DEFAULT_GROUP, world_size: int = 1) -> int:
+    """`group`, or the largest power of two below it that splits both input sizes (dim for
+    wq..w3 and output, hidden_dim for w2) into whole groups on each of `world_size` ranks.
+
+    E.g. 7B's FFN (11008 = 86 x 128) takes groups of 128 on 1 or 2 ranks, of 32 on 8.
+    """
     if group < 1 or group & (group - 1):
         raise ValueError(f"group_size must be a power of two, got {group}")
-    while group > 1 and (dim % group or hidden_dim % group):
+    while group > 1 and (dim % (group * world_size) or hidden_dim % (group * world_size)):
         group //= 2
     return group
 

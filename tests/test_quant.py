@@ -145,6 +145,7 @@ def test_int4_world_sizes_keep_whole_groups():
     assert ck.valid_world_sizes(args, upto=8) == [1, 2, 4, 8]
     assert ck.valid_world_sizes(args, upto=8, spec=quant.Spec("int4", 128)) == [1, 2]
     assert quant.choose_group(64, 192) == 64 and quant.choose_group(4096, 11008) == 128
+    assert quant.choose_group(4096, 11008, world_size=8) == 32  # 11008 / 8 = 1376 = 43 x 32
 
 
 def test_memory_planner_knows_quantized_sizes(monkeypatch):

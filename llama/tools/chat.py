@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch.distributed as dist
 
 from llama.chat_format import Dialog, encode_dialog
-from llama.distributed import is_rank_zero, shutdown
+from llama.distributed import is_rank_zero, run_main
 
 HELP = "commands: /reset, /system TEXT, /exit"
 
@@ -151,8 +151,7 @@ def main(argv=None) -> None:
     if sys.stdin.isatty() and is_rank_zero():
         print(f"Chatting with {a.ckpt_dir}. {HELP}; Ctrl-C stops an answer, Ctrl-D quits.")
     run(session)
-    shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

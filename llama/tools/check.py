@@ -69,18 +69,21 @@ def memory_table(args: ModelArgs, sizes: List[int]) -> None:
     saved = quant.spec_from_params(args.quantization)
     rows = [(torch.bfloat16, saved.mode, saved)] if saved else [(torch.bfloat16, "bf16/fp16", None), (torch.float32, "float32", None)]
     if not saved:
-        group = quant.choose_group(args.dim, args.ffn_hidden_dim)
-        rows += [(torch.bfloat16, f"{mode} (--quantize {mode})", quant.Spec(mode, group)) for mode in quant.MODES]
+        rows += [(torch.bfloat16, f"{mode} (--quantize {mode})", mode) for mode in quant.MODES]
     for dtype, name, spec in rows:
         cache = kv_cache_bytes(args, dtype, 1, 4096)
         cells = []
         for m in sizes:
             if spec is None:
                 weights = param_count(args) * torch.empty((), dtype=dtype).element_size() / m
-            elif m not in ck.valid_world_sizes(args, upto=m, spec=spec):
-                continue
             else:
-                weights = quant.model_bytes(args, spec, dtype, m)
+                if isinstance(spec, str):  # quantized while loading: int4 groups fit to m processes
+                    spec_m = quant.Spec(spec, quant.choose_group(args.dim, args.ffn_hidden_dim, world_size=m))
+                else:
+                    spec_m = spec
+                if m not in ck.valid_world_sizes(args, upto=m, spec=spec_m):
+                    continue
+                weights = quant.model_bytes(args, spec_m, dtype, m)
             cells.append(f"{m} proc: {(weights + cache / m) / GiB:.2f} GiB")
         print(f"  {name}: " + ", ".join(cells))
 

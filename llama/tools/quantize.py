@@ -50,9 +50,9 @@ def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = qu
     ck.check_shards(paths, sources)
     args = ck.model_args(ckpt_dir, vocab_size=sources[0]["output.weight"].shape[0] * len(sources))
     ck.check_against_params(args, sources, ckpt_dir)
-    group = quant.choose_group(args.dim, args.ffn_hidden_dim, group_size) if mode == "int4" else quant.DEFAULT_GROUP
-    spec = quant.Spec(mode, group)
     shards = shards or len(sources)
+    group = quant.choose_group(args.dim, args.ffn_hidden_dim, group_size, shards) if mode == "int4" else quant.DEFAULT_GROUP
+    spec = quant.Spec(mode, group)
     if shards not in ck.valid_world_sizes(args, upto=shards, spec=spec):
         good = ", ".join(map(str, ck.valid_world_sizes(args, upto=16, spec=spec)))
         raise ck.CheckpointError(f"this model cannot be split into {shards} shards ({mode}); use --shards in: {good}")
