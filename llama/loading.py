@@ -207,16 +207,14 @@ def _load_quantized(shards, rank: int, world_size: int, device: torch.device, dt
     the same numbers as one process.
     """
     from llama import quant
-    from llama.checkpoint import iter_rank_state, rank_tensor, split_dim
+    from llama.checkpoint import iter_rank_state
 
     out = {}
     for key, t in iter_to_device(iter_rank_state(shards, rank, world_size), device):
         if not quant.is_quantized_layer(key):
             out[key] = as_dtype(key, t, dtype)
             continue
-        absmax = None
-        if spec.mode == "int8" and world_size > 1 and split_dim(key) == 1:
-            absmax = rank_tensor(key, shards, 0, 1).abs().amax(dim=1).to(device)
-        out.update(quant.quantize_weight(key, t, spec, absmax))
+        absmax = quant.row_absmax(key, shards, world_size, spec)
+        out.update(quant.quantize_weight(key, t, spec, None if absmax is None else absmax.to(device)))
         del t
     return out

@@ -148,6 +148,17 @@ def quantize_weight(key: str, w: torch.Tensor, spec: Spec, absmax: Optional[torc
     return {key: q, base + "weight_scales": scales, base + "weight_zeros": zeros}
 
 
+def row_absmax(key: str, shards, world_size: int, spec: Spec) -> Optional[torch.Tensor]:
+    """For int8 on several ranks, the largest |w| of each whole row of a row-parallel weight
+    (cut from the source `shards`), so every rank's slice shares its row's scale and any
+    world size quantizes alike; else None (the slice's own rows are whole)."""
+    from llama.checkpoint import rank_tensor, split_dim
+
+    if spec.mode != "int8" or world_size == 1 or split_dim(key) != 1:
+        return None
+    return rank_tensor(key, shards, 0, 1).abs().amax(dim=1)
+
+
 def stored_shapes(key: str, shape: Tuple[int, int], spec: Spec) -> Dict[str, Tuple[tuple, torch.dtype]]:
     """{key: (shape, dtype)} of the stored form of a float weight of `shape`."""
     n, k = shape

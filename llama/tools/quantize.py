@@ -27,10 +27,8 @@ def quantized_shard(sources, rank: int, shards: int, spec: quant.Spec, device: t
         if not quant.is_quantized_layer(key):
             out[key] = t.clone()
             continue
-        absmax = None
-        if spec.mode == "int8" and shards > 1 and ck.split_dim(key) == 1:  # the whole row's scale
-            absmax = ck.rank_tensor(key, sources, 0, 1).abs().amax(dim=1).to(device)
-        stored = quant.quantize_weight(key, t.to(device), spec, absmax)
+        absmax = quant.row_absmax(key, sources, shards, spec)
+        stored = quant.quantize_weight(key, t.to(device), spec, None if absmax is None else absmax.to(device))
         out.update({k: v.cpu() for k, v in stored.items()})
     return out
 
