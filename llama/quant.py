@@ -225,7 +225,7 @@ class QuantLinear(nn.Module):
     def cat(cls, parts: List["QuantLinear"]) -> "QuantLinear":
         """One layer computing the outputs of `parts` side by side (their stored forms joined)."""
         if any(p.kernel is not None for p in parts):
-            raise RuntimeError("join quantized layers before prepare()")
+            raise RuntimeError("quantized layers are joined (fast path) before quant.prepare(model), not after")
         spec = parts[0].spec
         fused = cls(parts[0].in_features, sum(p.out_features for p in parts), spec)
         for name, _ in list(fused.named_buffers(recurse=False)):
