@@ -71,6 +71,16 @@ def random_model(args: ModelArgs, dtype: torch.dtype) -> Transformer:
     return model
 
 
+def fast_variant(model: Transformer, spec: str):
+    """(FastDecoder, label) for a variant 'mode' or 'mode/cublas' (see --compile)."""
+    mode, _, mm = spec.partition("/")
+    if mm not in ("", "cublas"):
+        raise SystemExit(f"unknown fast path variant {spec!r}")
+    decoder = FastDecoder(model, compile=True if mode == "default" else mode, small_mm=False if mm else None)
+    label = "fast (bf16, compiled, CUDA graphs)" if mode == "default" else f"fast (bf16, compile={mode}, CUDA graphs)"
+    return decoder, label + (", cuBLAS at batch <= 8" if mm else "")
+
+
 def no_eos(tokenizer: Tokenizer) -> Tokenizer:
     """Random weights emit EOS at random; every run here generates all its tokens."""
     tok = copy.copy(tokenizer)
@@ -130,8 +140,9 @@ def main():
     p.add_argument("--tokenizer", default="tests/fixtures/tokenizer.model")
     p.add_argument("--json", default=None)
     p.add_argument("--paths", default="reference,fast", help="which paths to measure")
-    p.add_argument("--compile", default="default", help="fast path compile modes, comma-separated "
-                   "(default, tuned, max-autotune): each is a row")
+    p.add_argument("--compile", default="default", help="fast path variants, comma-separated, each a row: "
+                   "a compile mode (default, tuned, max-autotune), '/cublas' after it for cuBLAS instead of "
+                   "llama.gemv at small batches")
     a = p.parse_args()
     paths = a.paths.split(",")
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
@@ -163,8 +174,7 @@ def main():
     for i, mode in enumerate(a.compile.split(",")):
         args.max_seq_len, args.max_batch_size = 256, max(batch_sizes)
         model.reset_buffers(torch.device("cuda"), torch.bfloat16)
-        fast_decoder = FastDecoder(model, compile=True if mode == "default" else mode)
-        label = "fast (bf16, compiled, CUDA graphs)" if mode == "default" else f"fast (bf16, compile={mode}, CUDA graphs)"
+        fast_decoder, label = fast_variant(model, mode)
         rows.append(bench_path(label, model, tokenizer, fast_decoder, batch_sizes, weight_bytes, bandwidth))
         if i == 0:
             # Same bf16 weights, faithful forward vs fast path, fed the same 240 tokens.

@@ -5,8 +5,8 @@
 
 Each rank holds its slice of random bf16 weights of the real shape (fairscale's layers, as
 `Llama.build` makes them). Paths, each on the same weights: the faithful forward (the
-reference's computation), the fast path as model parallel runs it by default (eager), the
-fast path with CUDA graphs, and with CUDA graphs and torch.compile. A path that fails to
+reference's computation), the fast path eager, with CUDA graphs, and with CUDA graphs and
+torch.compile (the default); `--paths` picks some (the faithful one first). A path that fails to
 build or run under this world size is reported with its error. Prints decode tokens/s
 (prompt 16, 128 new tokens, greedy), % of the bandwidth limit of all the GPUs together at
 batch 1, the 2000-token prefill time, and the greedy agreement of each fast path with the
@@ -33,9 +33,9 @@ from llama.tools.random_checkpoint import random_tensor
 
 PATHS = {
     "faithful (reference forward)": lambda m: FaithfulDecoder(m),
-    "fast, eager (model-parallel default)": lambda m: FastDecoder(m, compile=False, cuda_graphs=False),
+    "fast, eager": lambda m: FastDecoder(m, compile=False, cuda_graphs=False),
     "fast, CUDA graphs": lambda m: FastDecoder(m, compile=False, cuda_graphs=True),
-    "fast, CUDA graphs + compile": lambda m: FastDecoder(m, compile=True, cuda_graphs=True),
+    "fast, CUDA graphs + compile (the default)": lambda m: FastDecoder(m, compile=True, cuda_graphs=True),
 }
 
 
@@ -54,6 +54,7 @@ def main():
     p.add_argument("--batch_sizes", default="1,32")
     p.add_argument("--tokenizer", default="tests/fixtures/tokenizer.model")
     p.add_argument("--json", default=None)
+    p.add_argument("--paths", default="", help="comma-separated parts of path names to run (default: all)")
     a = p.parse_args()
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     device = choose_device(None)
@@ -69,7 +70,10 @@ def main():
         f"limit {bandwidth / weight_bytes:.0f} tok/s at batch 1", flush=True)
 
     rows, faithful, seq = [], None, None
+    parts = [x for x in a.paths.split(",") if x]
     for name, make in PATHS.items():
+        if parts and not any(part in name for part in parts):
+            continue
         args.max_seq_len, args.max_batch_size = 256, max(batch_sizes)
         model.reset_buffers(device, torch.bfloat16)
         row = {"path": name}

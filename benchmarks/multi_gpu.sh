@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a machine of 2 GPUs: model parallel with NCCL, end to end.
 #
-#   bash benchmarks/multi_gpu.sh tests       # the multi-process tests on GPUs (NCCL)
+#   bash benchmarks/multi_gpu.sh tests       # every multi-process test, on GPUs (NCCL)
 #   bash benchmarks/multi_gpu.sh bench       # 13B decode table, MP=2 vs MP=1 (benchmarks/decode_mp.py)
 #   bash benchmarks/multi_gpu.sh examples    # 13B (2 shards) and 70B-width (8 shards) through the examples
 #
@@ -38,7 +38,7 @@ examples() {
 
 case "${1:-}" in
   tests)
-    LLAMA_TEST_MP_DEVICE=cuda python3 -m pytest -q -m multiproc tests/test_multiproc.py tests/test_quant.py tests/test_fast.py 2>&1 | tail -8
+    LLAMA_TEST_MP_DEVICE=cuda python3 -m pytest -q -m multiproc tests 2>&1 | tail -8
     ;;
   bench)
     run 2 benchmarks/decode_mp.py --model 13B --json "$OUT/mp2.json" 2>"$OUT/bench-mp2.err" | grep -v Warning

@@ -8,7 +8,7 @@ Formats (the same in memory before `prepare` and in saved checkpoints), for a we
   nibble), and `X.weight_scales`, `X.weight_zeros` bf16 (N, K // group): w = (q - 8) *
   scale + zero, asymmetric per group of `group` input columns.
 Embeddings and norms stay in 16 bit. `prepare` turns the stored form into what torch's
-kernels take. int8: on CUDA a Triton kernel of this library's (`llama.int8_gemv`; torch's
+kernels take. int8: on CUDA a Triton kernel of this library's (`llama.gemv`; torch's
 `_weight_int8pack_mm` is slower there than bf16) for up to 8 rows, else cuBLAS on the
 weights cast to 16 bit; on CPU torch's `_weight_int8pack_mm`. int4: torch's "tinygemm"
 `_weight_int4pack_mm` on CUDA (bf16) and `_weight_int4pack_mm_for_cpu` on CPU. Shapes or
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import int8_gemv
+from llama import gemv
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP = 128
@@ -249,7 +249,7 @@ class QuantLinear(nn.Module):
             if device.type == "cpu":
                 self.kernel = "int8pack"
             elif device.type == "cuda":
-                self.kernel = "int8triton" if int8_gemv.available() else "int8cast"
+                self.kernel = "int8triton" if gemv.available() else "int8cast"
             else:
                 self.kernel = "dequant"
             return
@@ -275,8 +275,8 @@ class QuantLinear(nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(x.contiguous(), self.weight, self.weight_scale)
-        elif self.kernel == "int8triton" and x.shape[0] <= int8_gemv.MAX_ROWS:
-            y = int8_gemv.int8_mm(x, self.weight, self.weight_scale)
+        elif self.kernel == "int8triton" and x.shape[0] <= gemv.MAX_ROWS:
+            y = gemv.mm(x, self.weight, self.weight_scale)
         elif self.kernel in ("int8triton", "int8cast"):
             y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale
         elif self.kernel == "tinygemm":

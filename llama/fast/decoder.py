@@ -2,8 +2,8 @@
 
 `FaithfulDecoder` is the reference's `model.forward(tokens, start_pos)`.
 `FastDecoder` runs `FastForward` and, on CUDA, replays one CUDA graph per
-(batch size, KV length bucket) for single-token decode steps, with the per-layer
-pieces compiled by torch.compile.
+(batch size, KV length bucket) for single-token decode steps, with the per-block
+step compiled by torch.compile.
 """
 
 import sys
@@ -62,13 +62,15 @@ def _compiler(mode):
 class FastDecoder:
     """Static-shape decoding on the model's own cache; CUDA graphs and compilation on GPU."""
 
-    def __init__(self, model: Transformer, compile=None, cuda_graphs: Optional[bool] = None):
-        """compile: True, False, 'tuned' or 'max-autotune' (longer warm-ups); default True on CUDA."""
+    def __init__(self, model: Transformer, compile=None, cuda_graphs: Optional[bool] = None,
+                 small_mm: Optional[bool] = None):
+        """compile: True, False, 'tuned' or 'max-autotune' (longer warm-ups); default True on CUDA.
+        small_mm: decode-step products through `llama.gemv`'s kernel (default: on CUDA with Triton)."""
         self.device = model.output.weight.device
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
-        self.forward = FastForward(model, _compiler(self.compile) if self.compile else None)
+        self.forward = FastForward(model, _compiler(self.compile) if self.compile else None, small_mm)
         self.model = model
         self.max_seq_len = model.params.max_seq_len
         self.sync_every = 16 if on_cuda else 1  # host syncs for the all-EOS check

@@ -8,15 +8,22 @@ Differences from `Transformer.forward`, none of which change the function comput
 - the KV cache is the model's own (its k and v halves joined into one tensor, so one
   kernel writes both), written at a position tensor and read up to a fixed length, so
   shapes are static and a decode step can be a CUDA graph;
-- attention through `scaled_dot_product_attention` (flash kernels on GPU).
+- attention through `scaled_dot_product_attention` (flash kernels on GPU);
+- on CUDA, products with a few rows (decode steps) use `llama.gemv`'s kernel;
+- one function computes a whole block (`layer_step`), so that compilation can fuse across
+  attention; each block's feed-forward output is added to the residual stream by the next
+  block (or the final norm), fused with that block's first norm.
 """
 
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs
+from fairscale.nn.model_parallel import mappings
+from torch import nn
 
-from llama import quant
+from llama import gemv, quant
 from llama.model import Transformer, TransformerBlock
 
 _HAS_GQA_SDPA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -47,9 +54,25 @@ def _join_quantized(module, names) -> quant.QuantLinear:
     return joined
 
 
-def _linear(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w.T for a weight tensor, or a quantized layer's output."""
-    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+def _linear(x: torch.Tensor, w, small_mm: bool) -> torch.Tensor:
+    """x @ w.T for a weight tensor (through `llama.gemv` where it applies, if `small_mm`), or a
+    quantized layer's output."""
+    if not isinstance(w, torch.Tensor):
+        return w(x)
+    return gemv.linear(x, w) if small_mm else F.linear(x, w)
+
+
+def _project(layer: nn.Module, x: torch.Tensor, small_mm: bool) -> torch.Tensor:
+    """layer(x) for the model's linear layers: nn.Linear, fairscale's parallel layers (with the
+    same collectives) or quantized layers."""
+    if isinstance(layer, fs.ColumnParallelLinear):
+        y = _linear(mappings.copy_to_model_parallel_region(x), layer.weight, small_mm)
+        return mappings.gather_from_model_parallel_region(y) if layer.gather_output else y
+    if isinstance(layer, fs.RowParallelLinear):
+        return mappings.reduce_from_model_parallel_region(_linear(x, layer.weight, small_mm))
+    if isinstance(layer, nn.Linear) and layer.bias is None:
+        return _linear(x, layer.weight, small_mm)
+    return layer(x)
 
 
 def _fuse(linears) -> torch.Tensor:
@@ -89,7 +112,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_inputs(
-    layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, small_mm: bool
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Norm, fused q/k/v projection and RoPE: q (bs, seqlen, heads, head_dim) and
     k, v stacked (2, bs, seqlen, kv_heads, head_dim)."""
@@ -98,19 +121,17 @@ def attention_inputs(
     x = layer.attention_norm(h)
     q_size = attn.n_local_heads * attn.head_dim
     kv_size = attn.n_local_kv_heads * attn.head_dim
-    xq, xk, xv = _linear(x, attn.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+    xq, xk, xv = _linear(x, attn.wqkv, small_mm).split([q_size, kv_size, kv_size], dim=-1)
     xq = apply_rope(xq.view(bs, seqlen, attn.n_local_heads, attn.head_dim), cos, sin)
     xk = apply_rope(xk.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim), cos, sin)
     return xq, torch.stack([xk, xv.view(bs, seqlen, attn.n_local_kv_heads, attn.head_dim)])
 
 
-def block_output(layer: TransformerBlock, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """Attention output projection and residual, then the SwiGLU feed-forward and residual."""
-    bs, seqlen = h.shape[:2]
-    h = h + layer.attention.wo(attn_out.transpose(1, 2).reshape(bs, seqlen, -1))
+def feed_forward(layer: TransformerBlock, h: torch.Tensor, small_mm: bool) -> torch.Tensor:
+    """The SwiGLU feed-forward of the normed residual stream (without the residual)."""
     ffn = layer.feed_forward
-    gate, up = _linear(layer.ffn_norm(h), ffn.w13).chunk(2, dim=-1)
-    return h + ffn.w2(F.silu(gate) * up)
+    gate, up = _linear(layer.ffn_norm(h), ffn.w13, small_mm).chunk(2, dim=-1)
+    return _project(ffn.w2, F.silu(gate) * up, small_mm)
 
 
 def attend(
@@ -142,22 +163,50 @@ def attend(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **kwargs)
 
 
+def layer_step(
+    layer: TransformerBlock,
+    h: torch.Tensor,
+    ffn_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int,
+    mask: Optional[torch.Tensor],
+    small_mm: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One transformer block. Its input is h + ffn_out (the previous block's residual stream and
+    feed-forward output); returns this block's (h, ffn_out), so that each sum is computed
+    where the next norm reads it."""
+    h = h + ffn_out
+    xq, kv = attention_inputs(layer, h, cos, sin, small_mm)
+    out = attend(layer, xq, kv, input_pos, kv_len, mask)
+    bs, seqlen = h.shape[:2]
+    h = h + _project(layer.attention.wo, out.transpose(1, 2).reshape(bs, seqlen, -1), small_mm)
+    return h, feed_forward(layer, h, small_mm)
+
+
+def final_logits(model: Transformer, h: torch.Tensor, ffn_out: torch.Tensor, small_mm: bool) -> torch.Tensor:
+    """Float32 logits of the last block's output h + ffn_out."""
+    return _project(model.output, model.norm(h + ffn_out), small_mm).float()
+
+
 class FastForward:
     """tokens (bs, seqlen) at positions `input_pos` -> float32 logits, on the model's own cache.
 
-    `compile_fn` (e.g. torch.compile) is applied to the per-layer pieces around attention;
-    one compiled piece serves every layer.
+    `compile_fn` (e.g. torch.compile) is applied to `layer_step`, one compiled function for
+    every block, and to the final norm and output. `small_mm`: products of a few rows go
+    through `llama.gemv` (CUDA only; default there when the kernel is available).
     """
 
-    def __init__(self, model: Transformer, compile_fn: Optional[Callable] = None):
+    def __init__(self, model: Transformer, compile_fn: Optional[Callable] = None, small_mm: Optional[bool] = None):
         fuse_projections(model)
         join_kv_caches(model)
         self.model = model
         self.cos, self.sin = rope_tables(model)
+        self.small_mm = gemv.available() if small_mm is None else small_mm
         wrap = compile_fn or (lambda f: f)
-        self.attention_inputs = wrap(attention_inputs)
-        self.block_output = wrap(block_output)
-        self.final = wrap(lambda h: model.output(model.norm(h)).float())
+        self.layer_step = wrap(layer_step)
+        self.final = wrap(final_logits)
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
                  causal_from_zero: bool, last_only: bool) -> torch.Tensor:
@@ -175,10 +224,9 @@ class FastForward:
             visible = torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None]
             mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
             mask = mask[None, None]
+        ffn_out = torch.zeros_like(h)
         for layer in model.layers:
-            xq, kv = self.attention_inputs(layer, h, cos, sin)
-            out = attend(layer, xq, kv, input_pos, kv_len, mask)
-            h = self.block_output(layer, h, out)
+            h, ffn_out = self.layer_step(layer, h, ffn_out, cos, sin, input_pos, kv_len, mask, self.small_mm)
         if last_only:
-            h = h[:, -1:]
-        return self.final(h)
+            h, ffn_out = h[:, -1:], ffn_out[:, -1:]
+        return self.final(model, h, ffn_out, self.small_mm)
