@@ -38,7 +38,7 @@ examples() {
 
 case "${1:-}" in
   tests)
-    LLAMA_TEST_MP_DEVICE=cuda python3 -m pytest -q -m multiproc tests 2>&1 | tail -8
+    LLAMA_TEST_MP_DEVICE=cuda python3 -m pytest -q -rfE -m multiproc tests 2>&1 | tail -15
     ;;
   bench)
     run 2 benchmarks/decode_mp.py --model 13B --json "$OUT/mp2.json" 2>"$OUT/bench-mp2.err" | grep -v Warning

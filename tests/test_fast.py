@@ -69,6 +69,18 @@ def test_sampling_with_seed_matches_on_cpu(pair):
     assert fast.text_completion(PROMPTS, max_gen_len=20) == want
 
 
+@pytest.mark.slow
+def test_compiled_block_step_matches_on_cpu(ckpts, build):
+    """torch.compile of the whole block (cache write and attention inside), for batches smaller
+    than max_batch_size and then the full batch, on CPU."""
+    faithful = build(ckpts["gqa1"], max_seq_len=64, fast=False)
+    fast = Llama(faithful.model, faithful.tokenizer, FastDecoder(faithful.model, compile=True))
+    assert fast.decoder.compile and not fast.decoder.cuda_graphs
+    kw = dict(temperature=0, max_gen_len=20, logprobs=True)
+    for prompts in (PROMPTS[1:2], PROMPTS[:3], PROMPTS):
+        assert_same(faithful.text_completion(prompts, **kw), fast.text_completion(prompts, **kw))
+
+
 def test_build_switch(ckpts, build):
     assert isinstance(build(ckpts["gqa1"]).decoder, FaithfulDecoder)  # CPU default
     llama = build(ckpts["gqa1"], fast=True)

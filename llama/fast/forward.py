@@ -149,10 +149,12 @@ def attend(
     """
     attn = layer.attention
     bs = xq.shape[0]
-    cache = attn.cache_kv[:, :bs]  # (2, bs, max_seq_len, kv_heads, head_dim)
-    cache.index_copy_(2, input_pos, kv)
-    keys = cache[0, :, :kv_len].transpose(1, 2)  # (bs, kv_heads, kv_len, head_dim)
-    values = cache[1, :, :kv_len].transpose(1, 2)
+    # Indexed on the whole cache, not on a batch slice of it: compiled, a write through a slice
+    # copies the slice (all max_seq_len positions of bs rows) and back, every layer.
+    rows = torch.arange(bs, device=kv.device)
+    attn.cache_kv[:, rows[:, None], input_pos[None, :]] = kv
+    keys = attn.cache_kv[0, :bs, :kv_len].transpose(1, 2)  # (bs, kv_heads, kv_len, head_dim)
+    values = attn.cache_kv[1, :bs, :kv_len].transpose(1, 2)
     q = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
     if not _HAS_GQA_SDPA and attn.n_rep > 1:
         keys = keys.repeat_interleave(attn.n_rep, dim=1)
