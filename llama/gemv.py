@@ -2,11 +2,13 @@
 scale per output row.
 
 Decoding at batch 1 is a chain of matrix-vector products whose speed is the speed at which
-the weights are read. cuBLAS reads Llama's bf16 weights at 2.5-2.9 TB/s on an H100 and
-torch's own `_weight_int8pack_mm` int8 weights at about 100 GB/s
-(`benchmarks/gemv_kernels.py`). This kernel reads each weight once, in wide tiles, and sums
-over K only at the end (for int8 weights also for up to MAX_ROWS rows). It is registered as the custom op `llama::gemv`, so torch.compile
-and CUDA graphs see one opaque kernel. Other products go to cuBLAS (`linear`, `QuantLinear`).
+the weights are read. On an H100 at Llama's shapes cuBLAS reads bf16 weights at 2.1-2.8
+TB/s, this kernel at 2.5-3.1; torch's own `_weight_int8pack_mm` reads int8 weights at about
+100 GB/s, this kernel at 2.3-2.7 TB/s (`benchmarks/gemv_kernels.py`). It reads each weight
+once, in wide tiles, and sums over K only at the end. It takes one row of x for float
+weights and up to MAX_ROWS for int8 ones. It is registered as the custom op `llama::gemv`,
+so torch.compile and CUDA graphs see one opaque kernel. Other products go to cuBLAS
+(`linear`, `QuantLinear`).
 """
 
 import functools

@@ -94,7 +94,7 @@ class Llama:
             device: 'cuda', 'cpu' or 'mps'; default CUDA when present.
             fast: decode with the fast path (static cache, fused projections, CUDA graphs);
                 default on CUDA. False runs the reference's forward pass.
-            compile: torch.compile the fast path's per-layer pieces (True, False, 'tuned' or
+            compile: torch.compile the fast path's transformer blocks (True, False, 'tuned' or
                 'max-autotune'); default on CUDA.
             quantize: 'int8' or 'int4' to quantize the linear layers' weights while loading
                 (weight-only; int8 per output channel, int4 per group of `group_size` inputs).
@@ -136,7 +136,7 @@ class Llama:
         print(f"Loaded in {time.time() - start_time:.2f} seconds")
         if fast is None:
             fast = dev.type == "cuda"
-        # Under model parallel too: compiled pieces and CUDA graphs around NCCL's all-reduces
+        # Under model parallel too: compiled blocks and CUDA graphs around NCCL's all-reduces
         # (checked on 2 GPUs, benchmarks/RESULTS.md).
         decoder = FastDecoder(model, compile=compile) if fast else None
         if spec is not None:

@@ -38,8 +38,8 @@ class _Graph:
     logits: torch.Tensor  # (bs, 1, vocab) static output
 
 
-# torch.compile arguments of each `compile` setting. "tuned": matrix-vector products at batch 1
-# become Triton reductions fused with their neighbours, tuned by coordinate descent.
+# torch.compile arguments of each `compile` setting. "tuned": inductor's coordinate-descent
+# tuning of its kernels (at batch 1 the products are llama.gemv's, so it measured no gain there).
 COMPILE_MODES = {
     True: {},
     "default": {},
@@ -49,7 +49,7 @@ COMPILE_MODES = {
 
 
 def _compiler(mode):
-    """torch.compile for the per-layer pieces; one compiled piece serves every layer."""
+    """torch.compile for the block step; one compiled function serves every block."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be True, False, 'tuned' or 'max-autotune', got {mode!r}")
     cfg = torch._dynamo.config
