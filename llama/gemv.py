@@ -28,17 +28,16 @@ _CONFIGS = [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 2), (16, 256, 4, 3), (
             (4, 512, 4, 4), (8, 256, 4, 4), (2, 1024, 4, 4), (4, 2048, 8, 2)]
 
 
-def _available() -> bool:
-    if not (torch.cuda.is_available() and hasattr(torch.library, "custom_op")):
-        return False
-    return importlib.util.find_spec("triton") is not None
-
-
-_AVAILABLE = _available()  # a plain value, which compiled code reads without tracing a call
+_AVAILABLE = None  # set by available(): a plain value, which compiled code reads without a call
 
 
 def available() -> bool:
-    """True when the kernel can run here (CUDA, Triton, torch.library.custom_op)."""
+    """True when the kernel can run here (CUDA, Triton, torch.library.custom_op). Asked lazily:
+    querying CUDA at import would get in the way of processes forked later."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = (torch.cuda.is_available() and hasattr(torch.library, "custom_op")
+                      and importlib.util.find_spec("triton") is not None)
     return _AVAILABLE
 
 
@@ -46,8 +45,11 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `linear(x, w)` runs this kernel: CUDA, a single row (FLOAT_MAX_ROWS), matching
     16-bit float weights stored row by row."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (w.is_cuda and w.dtype in FLOAT_DTYPES and x.dtype == w.dtype and w.dim() == 2
-            and w.stride(1) == 1 and w.stride(0) == w.shape[1] and 0 < rows <= FLOAT_MAX_ROWS and _AVAILABLE)
+    if not (w.is_cuda and w.dtype in FLOAT_DTYPES and x.dtype == w.dtype and w.dim() == 2
+            and w.stride(1) == 1 and w.stride(0) == w.shape[1] and 0 < rows <= FLOAT_MAX_ROWS):
+        return False
+    # In compiled code the fast path has asked available() already, so this reads a value.
+    return _AVAILABLE if _AVAILABLE is not None else available()
 
 
 @functools.lru_cache(maxsize=None)

@@ -65,7 +65,7 @@ class FastDecoder:
     def __init__(self, model: Transformer, compile=None, cuda_graphs: Optional[bool] = None,
                  small_mm: Optional[bool] = None):
         """compile: True, False, 'tuned' or 'max-autotune' (longer warm-ups); default True on CUDA.
-        small_mm: decode-step products through `llama.gemv`'s kernel (default: on CUDA with Triton)."""
+        small_mm: False keeps batch-1 products on cuBLAS instead of `llama.gemv`'s kernel."""
         self.device = model.output.weight.device
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile

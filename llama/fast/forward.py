@@ -196,8 +196,9 @@ class FastForward:
     """tokens (bs, seqlen) at positions `input_pos` -> float32 logits, on the model's own cache.
 
     `compile_fn` (e.g. torch.compile) is applied to `layer_step`, one compiled function for
-    every block, and to the final norm and output. `small_mm`: products of a few rows go
-    through `llama.gemv` (CUDA only; default there when the kernel is available).
+    every block, and to the final norm and output. Single-row products (batch-1 decode
+    steps) go through `llama.gemv` where it is available (CUDA with Triton), unless
+    `small_mm` is False.
     """
 
     def __init__(self, model: Transformer, compile_fn: Optional[Callable] = None, small_mm: Optional[bool] = None):
@@ -205,7 +206,7 @@ class FastForward:
         join_kv_caches(model)
         self.model = model
         self.cos, self.sin = rope_tables(model)
-        self.small_mm = gemv.available() if small_mm is None else small_mm
+        self.small_mm = gemv.available() and small_mm is not False
         wrap = compile_fn or (lambda f: f)
         self.layer_step = wrap(layer_step)
         self.final = wrap(final_logits)
