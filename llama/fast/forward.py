@@ -9,7 +9,7 @@ Differences from `Transformer.forward`, none of which change the function comput
   kernel writes both), written at a position tensor and read up to a fixed length, so
   shapes are static and a decode step can be a CUDA graph;
 - attention through `scaled_dot_product_attention` (flash kernels on GPU);
-- on CUDA, products with a few rows (decode steps) use `llama.gemv`'s kernel;
+- on CUDA, single-row products (batch-1 decode steps) use `llama.gemv`'s kernel;
 - one function computes a whole block (`layer_step`), so that compilation can fuse across
   attention; each block's feed-forward output is added to the residual stream by the next
   block (or the final norm), fused with that block's first norm.
