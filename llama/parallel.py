@@ -6,8 +6,11 @@ The layers keep fairscale's forward passes and collectives; they are built on th
 meta device so that nothing is allocated or initialised before the weights load.
 """
 
+from typing import Callable
+
 import torch
 from fairscale.nn.model_parallel import layers as fs
+from fairscale.nn.model_parallel import mappings
 from torch import nn
 
 from llama.model import Transformer
@@ -51,6 +54,18 @@ class ParallelEmbedding(fs.ParallelEmbedding):
         self.scale_grad_by_freq, self.sparse, self._weight = False, False, None
         self.embedding_dim_per_partition = self.embedding_dim // world_size
         self.weight = _meta_weight(self.num_embeddings, self.embedding_dim_per_partition)
+
+
+def column_parallel(local: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gather_output: bool) -> torch.Tensor:
+    """fairscale's ColumnParallelLinear around `local` (this rank's product, output features
+    split): the input as it is, the outputs gathered if `gather_output`."""
+    y = local(mappings.copy_to_model_parallel_region(x))
+    return mappings.gather_from_model_parallel_region(y) if gather_output else y
+
+
+def row_parallel(local: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fairscale's RowParallelLinear around `local` (input features split): outputs summed."""
+    return mappings.reduce_from_model_parallel_region(local(x))
 
 
 def parallelize(model: Transformer, world_size: int) -> Transformer:

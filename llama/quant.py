@@ -299,19 +299,18 @@ class ColumnParallelQuantLinear(QuantLinear):
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region, gather_from_model_parallel_region
+        from llama import parallel
 
-        y = super().forward(copy_to_model_parallel_region(x))
-        return gather_from_model_parallel_region(y) if self.gather_output else y
+        return parallel.column_parallel(super().forward, x, self.gather_output)
 
 
 class RowParallelQuantLinear(QuantLinear):
     """fairscale's RowParallelLinear (input features split, outputs summed) with a quantized weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
+        from llama import parallel
 
-        return reduce_from_model_parallel_region(super().forward(x))
+        return parallel.row_parallel(super().forward, x)
 
 
 class QuantSlice(nn.Module):

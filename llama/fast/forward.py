@@ -20,10 +20,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs
-from fairscale.nn.model_parallel import mappings
 from torch import nn
 
-from llama import gemv, quant
+from llama import gemv, parallel, quant
 from llama.model import Transformer, TransformerBlock
 
 _HAS_GQA_SDPA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -65,13 +64,15 @@ def _linear(x: torch.Tensor, w, small_mm: bool) -> torch.Tensor:
 def _project(layer: nn.Module, x: torch.Tensor, small_mm: bool) -> torch.Tensor:
     """layer(x) for the model's linear layers: nn.Linear, fairscale's parallel layers (with the
     same collectives) or quantized layers."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return _linear(t, layer.weight, small_mm)
+
     if isinstance(layer, fs.ColumnParallelLinear):
-        y = _linear(mappings.copy_to_model_parallel_region(x), layer.weight, small_mm)
-        return mappings.gather_from_model_parallel_region(y) if layer.gather_output else y
+        return parallel.column_parallel(local, x, layer.gather_output)
     if isinstance(layer, fs.RowParallelLinear):
-        return mappings.reduce_from_model_parallel_region(_linear(x, layer.weight, small_mm))
+        return parallel.row_parallel(local, x)
     if isinstance(layer, nn.Linear) and layer.bias is None:
-        return _linear(x, layer.weight, small_mm)
+        return local(x)
     return layer(x)
 
 
