@@ -209,12 +209,5 @@ def _load_quantized(shards, rank: int, world_size: int, device: torch.device, dt
     from llama import quant
     from llama.checkpoint import iter_rank_state
 
-    out = {}
-    for key, t in iter_to_device(iter_rank_state(shards, rank, world_size), device):
-        if not quant.is_quantized_layer(key):
-            out[key] = as_dtype(key, t, dtype)
-            continue
-        absmax = quant.row_absmax(key, shards, world_size, spec)
-        out.update(quant.quantize_weight(key, t, spec, None if absmax is None else absmax.to(device)))
-        del t
-    return out
+    items = iter_to_device(iter_rank_state(shards, rank, world_size), device)
+    return {k: as_dtype(k, t, dtype) for k, t in quant.quantize_items(items, shards, world_size, spec, device)}

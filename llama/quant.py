@@ -159,6 +159,20 @@ def row_absmax(key: str, shards, world_size: int, spec: Spec) -> Optional[torch.
     return rank_tensor(key, shards, 0, 1).abs().amax(dim=1)
 
 
+def quantize_items(items, shards, world_size: int, spec: Spec, device: torch.device):
+    """(key, tensor) of a rank's state (`items`, cut from the source `shards` for `world_size`
+    ranks), with each linear weight replaced by its stored form, quantized on `device`; other
+    tensors pass as they are. At most one float weight is held at a time."""
+    for key, t in items:
+        if not is_quantized_layer(key):
+            yield key, t
+            continue
+        absmax = row_absmax(key, shards, world_size, spec)
+        stored = quantize_weight(key, t.to(device), spec, None if absmax is None else absmax.to(device))
+        del t
+        yield from stored.items()
+
+
 def stored_shapes(key: str, shape: Tuple[int, int], spec: Spec) -> Dict[str, Tuple[tuple, torch.dtype]]:
     """{key: (shape, dtype)} of the stored form of a float weight of `shape`."""
     n, k = shape

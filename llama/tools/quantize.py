@@ -21,16 +21,10 @@ from llama import quant
 
 def quantized_shard(sources, rank: int, shards: int, spec: quant.Spec, device: torch.device) -> dict:
     """Output shard `rank` of `shards`: every tensor cut from the sources, linear weights quantized."""
-    out = {}
-    for key in sources[0]:
-        t = ck.rank_tensor(key, sources, rank, shards)
-        if not quant.is_quantized_layer(key):
-            out[key] = t.clone()
-            continue
-        absmax = quant.row_absmax(key, sources, shards, spec)
-        stored = quant.quantize_weight(key, t.to(device), spec, None if absmax is None else absmax.to(device))
-        out.update({k: v.cpu() for k, v in stored.items()})
-    return out
+    items = ((key, ck.rank_tensor(key, sources, rank, shards)) for key in sources[0])
+    # slices of the memory-mapped sources are copied; what was quantized on a GPU comes back
+    return {k: t.clone() if t.device.type == "cpu" else t.cpu()
+            for k, t in quant.quantize_items(items, sources, shards, spec, device)}
 
 
 def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = quant.DEFAULT_GROUP,
