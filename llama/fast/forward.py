@@ -139,21 +139,19 @@ def attend(
     layer: TransformerBlock,
     xq: torch.Tensor,
     kv: torch.Tensor,
-    input_pos: torch.Tensor,
+    slots: Tuple[torch.Tensor, torch.Tensor],
     kv_len: int,
     mask: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """Writes k/v into the cache at `input_pos`, attends over cache positions [0, kv_len).
+    """Writes k/v into the cache at `slots` (`cache_slots`), attends over cache positions
+    [0, kv_len).
 
     mask None means causal from position 0 (a prefill); else an additive (1, 1, seqlen, kv_len)
     mask. Returns (bs, heads, seqlen, head_dim).
     """
     attn = layer.attention
     bs = xq.shape[0]
-    # Indexed on the whole cache, not on a batch slice of it: compiled, a write through a slice
-    # copies the slice (all max_seq_len positions of bs rows) and back, every layer.
-    rows = torch.arange(bs, device=kv.device)
-    attn.cache_kv[:, rows[:, None], input_pos[None, :]] = kv
+    attn.cache_kv[:, slots[0], slots[1]] = kv
     keys = attn.cache_kv[0, :bs, :kv_len].transpose(1, 2)  # (bs, kv_heads, kv_len, head_dim)
     values = attn.cache_kv[1, :bs, :kv_len].transpose(1, 2)
     q = xq.transpose(1, 2)  # (bs, heads, seqlen, head_dim)
@@ -166,13 +164,22 @@ def attend(
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **kwargs)
 
 
+def cache_slots(bs: int, input_pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(batch rows (bs, 1), positions (1, seqlen)): the index of a step's k/v in the whole cache.
+
+    The cache is indexed whole, not through a batch slice of it: compiled, a write through a
+    slice copies the slice (all max_seq_len positions of bs rows) and back, in every block.
+    """
+    return torch.arange(bs, device=input_pos.device)[:, None], input_pos[None, :]
+
+
 def layer_step(
     layer: TransformerBlock,
     h: torch.Tensor,
     ffn_out: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    input_pos: torch.Tensor,
+    slots: Tuple[torch.Tensor, torch.Tensor],
     kv_len: int,
     mask: Optional[torch.Tensor],
     small_mm: bool,
@@ -182,7 +189,7 @@ def layer_step(
     where the next norm reads it."""
     h = h + ffn_out
     xq, kv = attention_inputs(layer, h, cos, sin, small_mm)
-    out = attend(layer, xq, kv, input_pos, kv_len, mask)
+    out = attend(layer, xq, kv, slots, kv_len, mask)
     bs, seqlen = h.shape[:2]
     h = h + _project(layer.attention.wo, out.transpose(1, 2).reshape(bs, seqlen, -1), small_mm)
     return h, feed_forward(layer, h, small_mm)
@@ -228,9 +235,10 @@ class FastForward:
             visible = torch.arange(kv_len, device=tokens.device)[None, :] <= input_pos[:, None]
             mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
             mask = mask[None, None]
+        slots = cache_slots(tokens.shape[0], input_pos)
         ffn_out = torch.zeros_like(h)
         for layer in model.layers:
-            h, ffn_out = self.layer_step(layer, h, ffn_out, cos, sin, input_pos, kv_len, mask, self.small_mm)
+            h, ffn_out = self.layer_step(layer, h, ffn_out, cos, sin, slots, kv_len, mask, self.small_mm)
         if last_only:
             h, ffn_out = h[:, -1:], ffn_out[:, -1:]
         return self.final(model, h, ffn_out, self.small_mm)
