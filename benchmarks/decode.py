@@ -22,6 +22,7 @@ from llama.fast import FaithfulDecoder, FastDecoder
 from llama.fast.agreement import greedy_agreement
 from llama.loading import empty_model
 from llama.memory import param_count
+from llama.parallel import parallelize
 from llama.tools.random_checkpoint import random_tensor
 from llama.tokenizer import Tokenizer
 
@@ -60,10 +61,11 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     return 2 * n * 4 / sorted(times)[len(times) // 2]
 
 
-def random_model(args: ModelArgs, dtype: torch.dtype) -> Transformer:
-    """The model built on the meta device, then filled with seeded random weights on the GPU."""
-    model = empty_model(args)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def random_model(args: ModelArgs, dtype: torch.dtype, world_size: int = 1, rank: int = 0) -> Transformer:
+    """The model built on the meta device (this rank's slice of it under model parallel), then
+    filled with random weights on the current GPU, seeded by the rank."""
+    model = parallelize(empty_model(args), world_size)
+    gen = torch.Generator(device="cuda").manual_seed(rank)
     state = {k: random_tensor(k, tuple(v.shape), gen, dtype, "cuda") for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)
     model.requires_grad_(False)

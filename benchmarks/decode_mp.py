@@ -19,17 +19,14 @@ import traceback
 
 import torch
 import torch.distributed as dist
-from decode import PREFILL_LEN, PROMPT_LEN, SHAPES, copy_bandwidth, decode_rates, no_eos, prefill_seconds
+from decode import PREFILL_LEN, PROMPT_LEN, SHAPES, copy_bandwidth, decode_rates, no_eos, prefill_seconds, random_model
 
 from llama import Llama, ModelArgs
 from llama.distributed import choose_device, init_model_parallel, is_rank_zero, shutdown
 from llama.fast import FaithfulDecoder, FastDecoder
 from llama.fast.agreement import greedy_agreement
-from llama.loading import empty_model
 from llama.memory import param_count
-from llama.parallel import parallelize
 from llama.tokenizer import Tokenizer
-from llama.tools.random_checkpoint import random_tensor
 
 PATHS = {
     "faithful (reference forward)": lambda m: FaithfulDecoder(m),
@@ -37,15 +34,6 @@ PATHS = {
     "fast, CUDA graphs": lambda m: FastDecoder(m, compile=False, cuda_graphs=True),
     "fast, CUDA graphs + compile (the default)": lambda m: FastDecoder(m, compile=True, cuda_graphs=True),
 }
-
-
-def rank_model(args: ModelArgs, world_size: int, rank: int) -> torch.nn.Module:
-    model = parallelize(empty_model(args), world_size)
-    gen = torch.Generator(device="cuda").manual_seed(rank)
-    state = {k: random_tensor(k, tuple(v.shape), gen, torch.bfloat16, "cuda") for k, v in model.state_dict().items()}
-    model.load_state_dict(state, assign=True)
-    model.requires_grad_(False)
-    return model
 
 
 def main():
@@ -64,7 +52,7 @@ def main():
     bandwidth = copy_bandwidth() * world
     args = ModelArgs(**SHAPES[a.model], vocab_size=tokenizer.n_words, max_seq_len=256, max_batch_size=max(batch_sizes))
     weight_bytes = param_count(args) * 2
-    model = rank_model(args, world, rank)
+    model = random_model(args, torch.bfloat16, world, rank)
     say = print if is_rank_zero() else (lambda *x, **k: None)
     say(f"{a.model}, {world} x {torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s in all, "
         f"limit {bandwidth / weight_bytes:.0f} tok/s at batch 1", flush=True)
