@@ -71,7 +71,7 @@ def profile(dec, a):
 def profile_generate(llama, a):
     """Decode tokens/s through Llama.generate, as benchmarks/decode.py measures it, and the
     host-side calls of one 64-token generate (syncs and copies show up here)."""
-    rate, _ = decode_rates(llama, [a.batch], 0.0)[a.batch]
+    rate = decode_rates(llama, [a.batch], 0.0)[a.batch][0]
     print(f"generate, greedy: {1e3 * a.batch / rate:.3f} ms/token = {rate:.0f} tok/s")
     prompts = [list(range(1000, 1016))] * a.batch
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

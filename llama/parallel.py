@@ -68,12 +68,14 @@ def row_parallel(local: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     return mappings.reduce_from_model_parallel_region(local(x))
 
 
-def parallelize(model: Transformer, world_size: int) -> Transformer:
+def parallelize(model: Transformer, world_size: int, at_one: bool = False) -> Transformer:
     """Splits a meta-device `model` for `world_size` ranks in place; returns it.
 
+    One rank keeps the plain layers unless `at_one`: then it gets fairscale's layers too,
+    as the reference builds its model on one GPU (needs fairscale's model parallel set up).
     Load this rank's shard afterwards with `load_state_dict(..., assign=True)`.
     """
-    if world_size == 1:
+    if world_size == 1 and not at_one:
         return model
     model.tok_embeddings = ParallelEmbedding(model.tok_embeddings, world_size)
     model.output = ColumnParallelLinear(model.output, world_size, gather_output=True)

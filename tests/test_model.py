@@ -97,3 +97,20 @@ def test_attention_matches_sdpa_in_float64():
     o = F.scaled_dot_product_attention(xq.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     want = attn.wo(o.transpose(1, 2).reshape(2, 6, 32))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # RoPE runs in float32, as in the reference
+
+
+def test_fairscale_layers_at_one_rank_give_the_plain_models_logits():
+    """The reference's one-GPU model (fairscale layers, model parallel of size 1) computes
+    what the plain model does; benchmarks/decode.py times both."""
+    from llama.distributed import init_model_parallel
+    from llama.loading import empty_model
+    from llama.parallel import parallelize
+
+    plain = tiny_model(n_kv_heads=2)
+    init_model_parallel(1, torch.device("cpu"))
+    wrapped = parallelize(empty_model(plain.params), 1, at_one=True)
+    assert type(wrapped.layers[0].attention.wq).__name__ == "ColumnParallelLinear"
+    wrapped.load_state_dict(plain.state_dict(), assign=True)
+    wrapped.reset_buffers(torch.device("cpu"), torch.float32)
+    tokens = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(wrapped(tokens, 0), plain(tokens, 0), rtol=0, atol=0)
