@@ -176,7 +176,7 @@ def main():
     weight_bytes = param_count(args) * 2
     rows = []
 
-    for path in [p for p in paths if p in REFERENCE_PATHS]:
+    for path in [name for name in paths if name in REFERENCE_PATHS]:
         # Reference-style: fp16, the faithful forward (dynamic cache slices), EOS check every step.
         label, fairscale_at_one = REFERENCE_PATHS[path]
         if fairscale_at_one:
