@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def process_group_ends():
+    """Builds in this process start a one-process group; it ends with the session."""
+    from llama.distributed import shutdown
+
+    yield
+    shutdown()
+
+
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
     """Tiny checkpoints: the same GQA weights in 1, 2 and 4 shards; an MHA model; a wider GQA model."""
