@@ -213,6 +213,16 @@ def valid_world_sizes(args: ModelArgs, upto: int = 64, spec=None) -> List[int]:
     return [m for m in range(1, upto + 1) if all(s % m == 0 for s in sizes)]
 
 
+def check_split(args: ModelArgs, n: int, spec=None, *, detail: str = "", into: str, fix: str) -> None:
+    """Raises CheckpointError, listing the sizes that work, unless `n` ranks or shards each get
+    whole heads and equal slices (`valid_world_sizes`). The message reads
+    "this model{detail} cannot be split {into}; {fix}: 1, 2, ..."."""
+    if n in valid_world_sizes(args, upto=max(n, 1), spec=spec):
+        return
+    good = ", ".join(map(str, valid_world_sizes(args, upto=16, spec=spec)))
+    raise CheckpointError(f"this model{detail} cannot be split {into}; {fix}: {good}")
+
+
 def expected_shapes(args: ModelArgs) -> Dict[str, tuple]:
     """The whole (unsharded) shape of every weight the model needs."""
     d, hd, h = args.dim, args.head_dim, args.ffn_hidden_dim
@@ -301,13 +311,10 @@ def open_checkpoint(ckpt_dir, args: ModelArgs, world_size: int, spec=None):
         shards = [load_shard(p) for p in paths]
     check_shards(paths, shards)
     check_against_params(args, shards, ckpt_dir)
-    if world_size not in valid_world_sizes(args, upto=max(world_size, 1), spec=spec):
-        good = ", ".join(str(m) for m in valid_world_sizes(args, upto=16, spec=spec))
-        groups = f", int4 groups of {spec.group}" if spec is not None and spec.mode == "int4" else ""
-        raise CheckpointError(
-            f"this model ({len(paths)} shard(s), n_heads={args.n_heads}, n_kv_heads={args.kv_heads}{groups}) "
-            f"cannot be split over {world_size} processes; it runs with --nproc_per_node in: {good}"
-        )
+    groups = f", int4 groups of {spec.group}" if spec is not None and spec.mode == "int4" else ""
+    check_split(args, world_size, spec,
+                detail=f" ({len(paths)} shard(s), n_heads={args.n_heads}, n_kv_heads={args.kv_heads}{groups})",
+                into=f"over {world_size} processes", fix="it runs with --nproc_per_node in")
     return paths, shards
 
 

@@ -45,9 +45,7 @@ def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = qu
     shards = shards or len(sources)
     group = quant.choose_group(args.dim, args.ffn_hidden_dim, group_size, shards) if mode == "int4" else quant.DEFAULT_GROUP
     spec = quant.Spec(mode, group)
-    if shards not in ck.valid_world_sizes(args, upto=shards, spec=spec):
-        good = ", ".join(map(str, ck.valid_world_sizes(args, upto=16, spec=spec)))
-        raise ck.CheckpointError(f"this model cannot be split into {shards} shards ({mode}); use --shards in: {good}")
+    ck.check_split(args, shards, spec, into=f"into {shards} shards ({mode})", fix="use --shards in")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = dict(params, quantization=spec.params())
     return ck.save_checkpoint((quantized_shard(sources, r, shards, spec, device) for r in range(shards)), params, out_dir)

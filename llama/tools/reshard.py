@@ -26,9 +26,7 @@ def reshard_dir(ckpt_dir, shards: int, out_dir) -> list:
     if bad:
         raise ck.CheckpointError(f"cannot split {bad[0]} ({whole[bad[0]]} along its split dim) into {shards} equal shards")
     args = ck.model_args(ckpt_dir, vocab_size=sources[0]["output.weight"].shape[0] * len(sources))
-    if shards not in ck.valid_world_sizes(args, upto=shards):
-        good = ", ".join(map(str, ck.valid_world_sizes(args, upto=16)))
-        raise ck.CheckpointError(f"this model cannot be split into {shards} shards (whole heads per shard); use one of: {good}")
+    ck.check_split(args, shards, into=f"into {shards} shards (whole heads per shard)", fix="use one of")
     return ck.save_checkpoint((ck.shard_for_rank(sources, r, shards) for r in range(shards)), params, out_dir)
 
 
