@@ -100,28 +100,39 @@ VERIFIED=()
 
 url_for() { echo "${PRESIGNED_URL/'*'/$1}"; }
 
+http_status() {  # http_status LOG: the code of the last "HTTP request sent, awaiting response... NNN" line wget logged
+    sed -n -e 's/^HTTP request sent, awaiting response\.\.\. \([0-9][0-9][0-9]\)$/\1/p' \
+        -e 's/^HTTP request sent, awaiting response\.\.\. \([0-9][0-9][0-9]\) .*/\1/p' "$1" | tail -n 1
+}
+
 fetch() {  # fetch REMOTE_PATH DEST: download into DEST.part (resuming), then leave it for the caller
-    local remote="$1" dest="$2" log status progress
+    local remote="$1" dest="$2" log status progress code
     log="$(mktemp)"
     progress="dot:giga"
     [[ -t 2 ]] && progress="bar:force:noscroll"
     echo "Downloading ${remote}"
     set +e
-    wget --continue --tries="$RETRIES" --waitretry=2 --retry-connrefused --timeout=60 \
+    # LC_ALL=C: wget's messages in English, so that its HTTP status line can be read below.
+    LC_ALL=C wget --continue --tries="$RETRIES" --waitretry=2 --retry-connrefused --timeout=60 \
         --progress="$progress" -O "${dest}.part" "$(url_for "$remote")" 2>&1 >/dev/null | tee "$log" >&2
     status=${PIPESTATUS[0]}
     set -e
-    if [[ $status -ne 0 ]]; then
-        if grep -q "403" "$log"; then
-            rm -f "$log"
-            [[ -s "${dest}.part" ]] || rm -f "${dest}.part"
-            die "the server refused ${remote} (HTTP 403 Forbidden): presigned URLs expire after 24 hours and allow a limited number of downloads. Request a new URL from Meta's website, then run download.sh again (finished files are kept)."
-        fi
-        rm -f "$log"
-        [[ -s "${dest}.part" ]] || rm -f "${dest}.part"
-        die "could not download ${remote} after ${RETRIES} attempts (wget exit code ${status}). Check your connection and run download.sh again: it resumes where it stopped."
-    fi
+    [[ $status -eq 0 ]] && { rm -f "$log"; return; }
+    code="$(http_status "$log")"
     rm -f "$log"
+    [[ -s "${dest}.part" ]] || rm -f "${dest}.part"
+    case "$status" in
+        8)  # the server answered with an error status
+            case "$code" in
+                403) die "the server refused ${remote} (HTTP 403 Forbidden): presigned URLs expire after 24 hours and allow a limited number of downloads. Request a new URL from Meta's website, then run download.sh again (finished files are kept)." ;;
+                404) die "the server has no ${remote} (HTTP 404 Not Found): check that the URL was pasted whole and unchanged, or request a new one, then run download.sh again (finished files are kept)." ;;
+                *) die "the server answered ${remote} with an error (HTTP ${code:-status unknown}, wget exit code 8). Run download.sh again later (finished files are kept); if it persists, request a new URL from Meta's website." ;;
+            esac ;;
+        4) die "could not download ${remote} after ${RETRIES} attempts (network failure, wget exit code 4). Check your connection and run download.sh again: it resumes where it stopped." ;;
+        3) die "could not write ${dest}.part (wget exit code 3): check the free space and permissions of ${TARGET_FOLDER}, then run download.sh again." ;;
+        5) die "SSL verification failed for ${remote} (wget exit code 5): check the system's CA certificates or an HTTPS proxy, then run download.sh again." ;;
+        *) die "wget failed on ${remote} (exit code ${status}; see its messages above). Run download.sh again: it resumes where it stopped." ;;
+    esac
 }
 
 checklist_md5() {  # checklist_md5 CHECKLIST NAME: the expected md5 of NAME, or nothing
@@ -135,13 +146,30 @@ check_checklist() {  # a checklist must be lines of "md5  filename" (not an HTML
     fi
 }
 
-get_plain() {  # get_plain REMOTE DEST: a file without a checksum (license, checklists)
+is_html() (  # is_html FILE: true if FILE looks like an HTML page (an error or login page, not the file)
+    export LC_ALL=C  # bytes, not characters (this subshell only)
+    start="$(head -c 4096 "$1" | tr -d '\000' | tr '[:upper:]' '[:lower:]')"
+    start="${start#$'\xef\xbb\xbf'}"               # a UTF-8 byte-order mark
+    start="${start#"${start%%[![:space:]]*}"}"     # leading blanks
+    [[ "$start" == "<!doctype"* || "$start" == *"<html"* ]]
+)
+
+get_plain() {  # get_plain REMOTE DEST: a file without a checksum (license, checklists); never an HTML page
     local remote="$1" dest="$2"
     if [[ -s "$dest" ]]; then
-        echo "Already have ${remote}"
-        return
+        if ! is_html "$dest"; then
+            echo "Already have ${remote}"
+            return
+        fi
+        echo "${dest} is an HTML page, not ${remote}: downloading it again"
+        rm -f "$dest"
     fi
+    [[ -f "${dest}.part" ]] && is_html "${dest}.part" && rm -f "${dest}.part"  # never resume an HTML page
     fetch "$remote" "$dest"
+    if is_html "${dest}.part"; then
+        rm -f "${dest}.part"
+        die "the server sent an HTML page instead of ${remote}: the URL has probably expired. Request a new URL from Meta's website and run download.sh again (finished files are kept)."
+    fi
     mv -f "${dest}.part" "$dest"
 }
 

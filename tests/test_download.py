@@ -176,6 +176,90 @@ def test_expired_url_gets_403_hint(server, tmp_path):
     assert not list((tmp_path / "out").rglob("*.part")) and not (tmp_path / "out" / "LICENSE").exists()
 
 
+def fake_wget(tmp_path, log, status):
+    """A wget on PATH that prints `log` as wget's messages and exits with `status`; returns env for download()."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "wget").write_text(f"#!/bin/sh\ncat >&2 <<'EOF'\n{log}EOF\nexit {status}\n")
+    (bin_dir / "wget").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+WGET_START = (
+    "--2024-01-01 12:00:00--  https://download.llamameta.net/LICENSE?Policy=abc\n"
+    "Connecting to download.llamameta.net (download.llamameta.net)|18.1.1.1|:443... connected.\n"
+)
+
+
+@pytest.mark.parametrize("log, status, message", [
+    # A network failure after the server had announced a size with '403' in it.
+    (WGET_START + "HTTP request sent, awaiting response... 200 OK\nLength: 4030403 (3.8M) [binary/octet-stream]\n"
+     "Saving to: 'LICENSE.part'\n 403K .......... 10%\nRead error at byte 403403/4030403 (Connection reset by peer).\n"
+     "Giving up.\n", 4, "could not download LICENSE after 2 attempts (network failure"),
+    # A server error other than 403, with '403' in the size of an earlier response.
+    ("Length: 4030403 (3.8M)\n" + WGET_START + "HTTP request sent, awaiting response... 503 Service Unavailable\n"
+     "2024-01-01 12:00:00 ERROR 503: Service Unavailable.\n", 8, "answered LICENSE with an error (HTTP 503"),
+], ids=["network-failure", "server-error-503"])
+def test_403_elsewhere_in_the_log_is_not_an_expired_url(tmp_path, log, status, message):
+    res = download(tmp_path / "out", f"http://127.0.0.1:1/*?{SIGNATURE}", "7B", env_extra=fake_wget(tmp_path, log, status))
+    assert res.returncode != 0
+    error = res.stderr.splitlines()[-1]
+    assert message in error, res.stderr
+    assert "Forbidden" not in error and "expire" not in error
+
+
+def test_403_status_line_is_an_expired_url(tmp_path):
+    log = WGET_START + "HTTP request sent, awaiting response... 403 Forbidden\n2024-01-01 12:00:00 ERROR 403: Forbidden.\n"
+    res = download(tmp_path / "out", f"http://127.0.0.1:1/*?{SIGNATURE}", "7B", env_extra=fake_wget(tmp_path, log, 8))
+    assert res.returncode != 0
+    assert "HTTP 403 Forbidden" in res.stderr and "expire after 24 hours" in res.stderr and "new URL" in res.stderr
+
+
+def test_missing_file_is_not_an_expired_url(server, tmp_path):
+    (server.root / "USE_POLICY.md").unlink()  # the real server answers 404
+    res = download(tmp_path / "out", server.url, "7B")
+    assert res.returncode != 0
+    assert "the server has no USE_POLICY.md (HTTP 404 Not Found)" in res.stderr and "expire" not in res.stderr
+    assert (tmp_path / "out" / "LICENSE").exists() and not list((tmp_path / "out").rglob("USE_POLICY.md*"))
+
+
+HTML_PAGES = [
+    ("LICENSE", b"<!DOCTYPE html>\n<html><body>Request has expired</body></html>\n"),
+    ("USE_POLICY.md", b"\n\n  <HTML><HEAD><TITLE>Access Denied</TITLE></HEAD></HTML>\n"),
+    ("LICENSE", b'\xef\xbb\xbf<?xml version="1.0" encoding="UTF-8"?>\n<html xmlns="http://www.w3.org/1999/xhtml">\n'),
+]
+
+
+@pytest.mark.parametrize("name, page", HTML_PAGES, ids=["doctype", "blank-lines-uppercase", "bom-xml-prolog"])
+def test_html_page_instead_of_license_fails_and_is_not_kept(server, tmp_path, name, page):
+    (server.root / name).write_bytes(page)  # served with 200 OK, as an expired URL's error page can be
+    target = tmp_path / "out"
+    res = download(target, server.url, "7B")
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, res.stderr
+    assert f"HTML page instead of {name}" in errors[0] and "expired" in errors[0] and "new URL" in errors[0]
+    assert not (target / name).exists() and not list(target.rglob("*.part"))
+    assert not (target / "tokenizer.model").exists()  # it stopped there
+
+
+def test_html_license_from_an_earlier_run_is_downloaded_again(server, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "LICENSE").write_bytes(HTML_PAGES[0][1])  # kept by an older download.sh
+    (target / "USE_POLICY.md.part").write_bytes(HTML_PAGES[1][1])  # an HTML partial is not resumed either
+    res = download(target, server.url, "7B")
+    assert res.returncode == 0, res.stderr
+    assert "LICENSE is an HTML page, not LICENSE: downloading it again" in res.stdout
+    assert ("LICENSE", None) in server.requests and ("USE_POLICY.md", None) in server.requests
+    assert_have(target, server, ["llama-2-7b"])
+    # A verified-looking LICENSE is kept on the next run.
+    server.requests.clear()
+    res = download(target, server.url, "7B")
+    assert res.returncode == 0, res.stderr
+    assert "Already have LICENSE" in res.stdout and not [p for p, _ in server.requests if p == "LICENSE"]
+
+
 def test_unknown_model_rejected_before_download(server, tmp_path):
     res = download(tmp_path / "out", server.url, "7B,8B")
     assert res.returncode != 0
