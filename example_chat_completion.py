@@ -3,21 +3,18 @@
     torchrun --nproc_per_node 1 example_chat_completion.py \
         --ckpt_dir llama-2-7b-chat/ --tokenizer_path tokenizer.model
 
-Flags and defaults are those of Meta's reference example. Ask your own question with
-`--prompt "..."` (and `--system "..."`), or pass `--dialogs my_dialogs.json`, a JSON
-list of dialogs, each a list of {"role": ..., "content": ...} messages. `--stream` prints
-answers as they are generated; `--top_k`, `--repetition_penalty`, `--stop`, `--seed` (all
-off by default); `--dtype`; `--fast False` / `--compile False` / `--quantize int8|int4` as in
-the text example.
+Flags and defaults are those of Meta's reference example, plus the library's own
+(`--help` lists them all): ask your own question with `--prompt "..."` (and `--system
+"..."`), or pass `--dialogs my_dialogs.json`, a JSON list of dialogs, each a list of
+{"role": ..., "content": ...} messages; `--stream` prints answers as they are generated.
 For a conversation, see `python -m llama.tools.chat`.
 """
 
 import json
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, Llama
+from llama.cli import MODEL_FLAGS, SAMPLING_FLAGS, Parser, build_kwargs, sampling_kwargs
 from llama.distributed import run_main
 
 DIALOGS: List[Dialog] = [
@@ -53,10 +50,15 @@ DIALOGS: List[Dialog] = [
 
 def load_dialogs(dialogs: Optional[str], prompt: Optional[str], system: Optional[str]) -> List[Dialog]:
     if dialogs is not None:
-        with open(dialogs, encoding="utf-8") as f:
-            loaded = json.load(f)
+        try:
+            with open(dialogs, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read --dialogs {dialogs}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--dialogs {dialogs} is not valid JSON ({e})") from None
         if not isinstance(loaded, list) or not all(isinstance(d, list) for d in loaded):
-            raise SystemExit(f"{dialogs}: expected a JSON list of dialogs (each a list of messages)")
+            raise ValueError(f"--dialogs {dialogs}: expected a JSON list of dialogs (each a list of messages)")
         return loaded
     if prompt is not None:
         dialog: Dialog = [{"role": "system", "content": str(system)}] if system else []
@@ -80,24 +82,18 @@ def main(
     repetition_penalty: float = 1.0,
     stop=None,
     seed: Optional[int] = None,
-    dtype: Optional[str] = None,
-    fast: Optional[bool] = None,
-    compile: Optional[bool] = None,
-    quantize: Optional[str] = None,
+    **build_options,
 ):
-    todo = load_dialogs(dialogs, prompt, system)
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        dtype=dtype,
-        fast=fast,
-        compile=compile,
-        quantize=quantize,
-    )
     controls = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
                     repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+    answer(load_dialogs(dialogs, prompt, system), controls, stream, ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path,
+           max_seq_len=max_seq_len, max_batch_size=max_batch_size, **build_options)
+
+
+def answer(todo: List[Dialog], controls: dict, stream: bool, **build) -> None:
+    """Builds the model and prints each dialog with its answer."""
+    generator = Llama.build(**build)
+    max_batch_size = build["max_batch_size"]
     if stream:
         for dialog in todo:
             for msg in dialog:
@@ -117,5 +113,16 @@ def main(
             print("\n==================================\n")
 
 
+def cli(argv: Optional[List[str]] = None) -> None:
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add(MODEL_FLAGS, ckpt_dir=dict(required=True), tokenizer_path=dict(required=True),
+          max_seq_len=dict(default=512), max_batch_size=dict(default=8))
+    p.add(SAMPLING_FLAGS)
+    p.add(("prompt", "system", "dialogs", "stream"))
+    a = p.parse_args(argv)
+    todo = load_dialogs(a.dialogs, a.prompt, a.system)  # a bad file fails before the model loads
+    answer(todo, sampling_kwargs(a), a.stream, ckpt_dir=a.ckpt_dir, tokenizer_path=a.tokenizer_path, **build_kwargs(a))
+
+
 if __name__ == "__main__":
-    run_main(lambda: fire.Fire(main))
+    run_main(cli)

@@ -3,18 +3,16 @@
     torchrun --nproc_per_node 1 example_text_completion.py \
         --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
 
-Flags and defaults are those of Meta's reference example. Beyond them: `--prompt`
-completes your own text instead of the built-in prompts; `--stream` prints text as it is
-generated; `--top_k`, `--repetition_penalty`, `--stop`, `--seed` (all off by default);
-`--dtype` (e.g. float16); `--fast False` / `--compile False` turn the fast GPU path or
-its compilation off; `--quantize int8|int4` quantizes the weights while loading.
+Flags and defaults are those of Meta's reference example, plus the library's own
+(`--help` lists them all): `--prompt` completes your own text instead of the built-in
+prompts, `--stream` prints text as it is generated, and sampling, dtype, device and
+quantization controls.
 """
 
-from typing import Optional
-
-import fire
+from typing import List, Optional
 
 from llama import Llama
+from llama.cli import MODEL_FLAGS, SAMPLING_FLAGS, Parser, build_kwargs, sampling_kwargs
 from llama.distributed import run_main
 
 PROMPTS = [
@@ -50,21 +48,10 @@ def main(
     repetition_penalty: float = 1.0,
     stop=None,
     seed: Optional[int] = None,
-    dtype: Optional[str] = None,
-    fast: Optional[bool] = None,
-    compile: Optional[bool] = None,
-    quantize: Optional[str] = None,
+    **build_options,
 ):
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        dtype=dtype,
-        fast=fast,
-        compile=compile,
-        quantize=quantize,
-    )
+    generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
+                            max_batch_size=max_batch_size, **build_options)
     prompts = [str(prompt)] if prompt is not None else PROMPTS
     controls = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, top_k=top_k,
                     repetition_penalty=repetition_penalty, stop=stop, seed=seed)
@@ -85,5 +72,16 @@ def main(
             print("\n==================================\n")
 
 
+def cli(argv: Optional[List[str]] = None) -> None:
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add(MODEL_FLAGS, ckpt_dir=dict(required=True), tokenizer_path=dict(required=True),
+          max_seq_len=dict(default=128), max_batch_size=dict(default=4))
+    p.add(SAMPLING_FLAGS, max_gen_len=dict(default=64))
+    p.add(("prompt", "stream"))
+    a = p.parse_args(argv)
+    kw = build_kwargs(a)
+    main(a.ckpt_dir, a.tokenizer_path, prompt=a.prompt, stream=a.stream, **sampling_kwargs(a), **kw)
+
+
 if __name__ == "__main__":
-    run_main(lambda: fire.Fire(main))
+    run_main(cli)

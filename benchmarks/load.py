@@ -30,8 +30,8 @@ TOKENIZER = "tests/fixtures/tokenizer.model"
 
 
 def write_checkpoints(root: Path):
-    from llama.checkpoint import reshard, save_checkpoint
-    from llama.model import ModelArgs
+    from llama.checkpoint import save_checkpoint, shard_for_rank
+    from llama.config import ModelArgs
     from llama.tools.random_checkpoint import random_state
 
     for name, (params, shards) in SHAPES.items():
@@ -40,7 +40,7 @@ def write_checkpoints(root: Path):
             continue
         t0 = time.time()
         state = random_state(ModelArgs.from_params(params, vocab_size=32000), device="cuda")
-        parts = [{k: v.cpu() for k, v in shard.items()} for shard in reshard([state], shards)]
+        parts = [{k: v.cpu() for k, v in shard_for_rank([state], r, shards).items()} for r in range(shards)]
         del state
         save_checkpoint(parts, params, out)
         del parts
@@ -78,8 +78,7 @@ class HostMemory:
 
 def build_phases(ckpt_dir: str) -> dict:
     """The steps of Llama.build one by one, each timed (seconds)."""
-    from llama import checkpoint, distributed, memory
-    from llama.loading import empty_model, load_rank
+    from llama import build, checkpoint, distributed, memory
     from llama.tokenizer import Tokenizer
 
     times, t = {}, time.perf_counter()
@@ -95,25 +94,25 @@ def build_phases(ckpt_dir: str) -> dict:
     distributed.init_model_parallel(None, dev)
     mark("process group + fairscale")
     tokenizer = Tokenizer(TOKENIZER)
-    args = checkpoint.model_args(ckpt_dir, max_seq_len=256, max_batch_size=1)
-    args.vocab_size = tokenizer.n_words
-    paths, shards = checkpoint.open_checkpoint(ckpt_dir, args, 1)
-    memory.check_fits(args, torch.bfloat16, 1, dev)
+    ckpt = checkpoint.open_checkpoint(ckpt_dir, vocab_size=tokenizer.n_words)
+    ckpt.args.max_seq_len, ckpt.args.max_batch_size = 256, 1
+    memory.check_fits(ckpt.args, torch.bfloat16, 1, dev)
     mark("tokenizer + open and check shards")
-    model = empty_model(args)
-    mark("meta model")
-    state = load_rank(paths, shards, 0, 1, dev, torch.bfloat16)
-    mark("weights to GPU")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.reset_buffers(dev, torch.bfloat16)
-    mark("assign + buffers")
+    model = build.load_model(ckpt, 0, 1, dev, torch.bfloat16, None, False)
+    mark("model + weights to GPU")
+    model.setup_cache(1, 256, dev, torch.bfloat16)
+    decoder = build.finish_model(model, torch.bfloat16, None, use_fast=True)
+    mark("cache + fast path transform")
+    decoder.prepare()
+    mark("decode graphs (prepare)")
     return times
 
 
 def child(mode: str, ckpt_dir: str):
     """One load, in this fresh process; prints a JSON line."""
     from llama import Llama
-    from llama.checkpoint import model_args
+    from llama.checkpoint import read_params
+    from llama.config import ModelArgs
     from llama.model import Transformer
 
     mem = HostMemory()
@@ -123,7 +122,7 @@ def child(mode: str, ckpt_dir: str):
     extra = {}
     if mode == "reference":
         sd = torch.load(Path(ckpt_dir) / "consolidated.00.pth", map_location="cpu", weights_only=True)
-        args = model_args(ckpt_dir, max_seq_len=256, max_batch_size=1, vocab_size=32000)
+        args = ModelArgs(max_seq_len=256, max_batch_size=1, **dict(read_params(ckpt_dir), vocab_size=32000))
         torch.set_default_dtype(torch.float16)
         with torch.device("cuda"):
             model = Transformer(args)  # random init, as nn.Linear does

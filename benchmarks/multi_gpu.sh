@@ -2,7 +2,7 @@
 # Runs on a machine of 2 GPUs: model parallel with NCCL, end to end.
 #
 #   bash benchmarks/multi_gpu.sh tests       # every multi-process test, on GPUs (NCCL)
-#   bash benchmarks/multi_gpu.sh bench       # 13B decode table, MP=2 vs MP=1 (benchmarks/decode_mp.py)
+#   bash benchmarks/multi_gpu.sh bench       # 13B decode table, MP=2 vs MP=1 (benchmarks/decode.py under torchrun)
 #   bash benchmarks/multi_gpu.sh examples    # 13B (2 shards) and 70B-width (8 shards) through the examples
 #
 # Logs go to $OUT (default /tmp/multi-gpu). Random checkpoints are written to $CKPTS
@@ -41,8 +41,8 @@ case "${1:-}" in
     LLAMA_TEST_MP_DEVICE=cuda python3 -m pytest -q -rfE -m multiproc tests 2>&1 | tail -15
     ;;
   bench)
-    run 2 benchmarks/decode_mp.py --model 13B --json "$OUT/mp2.json" 2>"$OUT/bench-mp2.err" | grep -v Warning
-    run 1 benchmarks/decode_mp.py --model 13B --json "$OUT/mp1.json" 2>"$OUT/bench-mp1.err" | grep -v Warning
+    run 2 benchmarks/decode.py --model 13B --formats bf16,int8,int4 --paths reference --json "$OUT/mp2.json" 2>"$OUT/bench-mp2.err" | grep -v Warning
+    run 1 benchmarks/decode.py --model 13B --formats bf16,int8,int4 --paths reference --json "$OUT/mp1.json" 2>"$OUT/bench-mp1.err" | grep -v Warning
     ;;
   examples)
     [ -f "$CKPTS/13B/params.json" ] || python3 -m llama.tools.random_checkpoint "$CKPTS/13B" --dim 5120 --n_layers 40 \

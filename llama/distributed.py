@@ -7,6 +7,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -69,8 +70,6 @@ def init_model_parallel(model_parallel_size: Optional[int], device: torch.device
     Under torchrun the group comes from its environment; under plain `python` a
     one-process group is made on a free local port.
     """
-    from fairscale.nn.model_parallel import initialize as fs_init
-
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if model_parallel_size is None:
         model_parallel_size = world_size
@@ -127,6 +126,12 @@ def silence_other_ranks() -> None:
         sys.stdout = open(os.devnull, "w")
 
 
+def log(message: str) -> None:
+    """One line of progress on rank 0's stderr."""
+    if is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+
+
 def shutdown() -> None:
     """Ends the process group cleanly: every rank waits for the others, then leaves together
     (a rank exiting while a peer still holds a connection can abort that peer)."""
@@ -136,16 +141,29 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def run_main(entry: Callable[[], object]) -> None:
-    """Runs a command-line entry point, then `shutdown`. A user error (a bad path, size or
-    value: ValueError, which CheckpointError is, MemoryError or FileNotFoundError) prints as
-    one line `error: ...` on rank 0 and exits with status 2, instead of a traceback."""
+def report(entry: Callable[[], object]) -> int:
+    """Runs a command-line entry point; returns its status (an int it returns, else 0). A user
+    error (a bad path, size or value: ValueError, which CheckpointError is, MemoryError,
+    FileNotFoundError) prints as one line `error: ...` on rank 0 and gives status 2, instead of
+    a traceback. Output cut short by a closed pipe (`... | head`) ends quietly."""
     try:
-        entry()
+        code = entry()
     except (ValueError, MemoryError, FileNotFoundError) as e:
         if is_rank_zero():
             print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(2)
-    shutdown()
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code if isinstance(code, int) else 0
+
+
+def run_main(entry: Callable[[], object]) -> None:
+    """`report(entry)`, then ends the process group (`shutdown`, or at once after an error) and
+    exits with the status."""
+    code = report(entry)
+    if code == 0:
+        shutdown()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)

@@ -12,11 +12,13 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from llama.checkpoint import CheckpointError
+from llama.config import META_PARAM_KEYS, ModelArgs, meta_params, params_from_hf
+from llama.files import inside, regular_file
+from llama.layout import CheckpointError
 
 CONFIG = "config.json"
 
@@ -43,63 +45,30 @@ def is_hf_dir(ckpt_dir) -> bool:
 
 
 def read_config(ckpt_dir) -> dict:
+    """The folder's config.json, checked to describe a Llama model this library runs."""
     path = Path(ckpt_dir) / CONFIG
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {str(path)!r}: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} should hold a JSON object (a Hugging Face model config)")
     archs = config.get("architectures") or []
     if "LlamaForCausalLM" not in archs and config.get("model_type") != "llama":
         raise CheckpointError(
-            f"{str(path)!r} describes a {', '.join(archs) or config.get('model_type', 'unknown')} model, "
+            f"{str(path)!r} describes a {', '.join(map(str, archs)) or config.get('model_type', 'unknown')} model, "
             "not LlamaForCausalLM: this library runs Llama models only"
         )
     if config.get("rope_scaling"):
         raise CheckpointError(f"{str(path)!r} uses rope_scaling {config['rope_scaling']}, which is not supported")
-    heads = config["num_attention_heads"]
-    if config.get("head_dim") not in (None, config["hidden_size"] // heads):
+    try:
+        params = params_from_hf(config)
+        ModelArgs.from_params(params)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(path)!r} does not describe a Llama model: {e}") from None
+    if config.get("head_dim") not in (None, params["dim"] // params["n_heads"]):
         raise CheckpointError(f"{str(path)!r}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
     return config
-
-
-def params_from_config(config: dict) -> dict:
-    """ModelArgs fields (params.json style) from a Hugging Face config."""
-    params = {
-        "dim": config["hidden_size"],
-        "n_layers": config["num_hidden_layers"],
-        "n_heads": config["num_attention_heads"],
-        "n_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
-        "vocab_size": config["vocab_size"],
-        "norm_eps": config.get("rms_norm_eps", 1e-5),
-        "rope_theta": config.get("rope_theta", 10000.0),
-        "ffn_hidden_size": config["intermediate_size"],
-    }
-    if config.get("rope_parameters", {}).get("rope_theta") is not None:  # newer transformers layout
-        params["rope_theta"] = config["rope_parameters"]["rope_theta"]
-    return params
-
-
-def meta_params(params: dict) -> dict:
-    """params.json for Meta's format: the FFN size as multiple_of / ffn_dim_multiplier when
-    the reference's rule can produce it (so Meta's own code reads the file), else explicit."""
-    from llama.model import ModelArgs
-
-    out = {k: v for k, v in params.items() if k not in ("ffn_hidden_size", "vocab_size")}
-    out["vocab_size"] = -1
-    if out.get("n_kv_heads") == out["n_heads"]:
-        del out["n_kv_heads"]
-    if out.get("rope_theta") == 10000.0:
-        del out["rope_theta"]
-    want = params["ffn_hidden_size"]
-    for multiple_of, mult in ((256, None), (4096, 1.3), (256, 1.3), (1024, None)):
-        if ModelArgs(dim=params["dim"], multiple_of=multiple_of, ffn_dim_multiplier=mult).ffn_hidden_dim == want:
-            out["multiple_of"] = multiple_of
-            if mult is not None:
-                out["ffn_dim_multiplier"] = mult
-            return out
-    out["multiple_of"] = 256
-    out["ffn_hidden_size"] = want
-    return out
 
 
 def _permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -115,20 +84,41 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def _weight_file(d: Path, name, what: str) -> Path:
+    path = inside(d, name) if isinstance(name, str) else None
+    if path is None:
+        raise CheckpointError(f"{what} in {str(d)!r} names {name!r}, which is not a file of that folder: "
+                              "the index is damaged; download it again")
+    if not path.exists():
+        raise CheckpointError(f"{what} in {str(d)!r} names missing file(s): {name}")
+    if not regular_file(path):
+        raise CheckpointError(f"{str(path)!r} is not a regular file (a pipe, device or folder?)")
+    return path
+
+
 def weight_files(ckpt_dir) -> Dict[str, Path]:
-    """{Hugging Face key: file holding it}, from an index or the single weights file."""
+    """{Hugging Face key: file holding it}, from an index or the single weights file; every file
+    a regular file inside the folder."""
     d = Path(ckpt_dir)
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = d / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_name} in {str(d)!r} is not a weight index ({e}): download it "
+                                      "again") from None
+            missing = sorted({f for f in weight_map.values() if isinstance(f, str) and inside(d, f) is not None
+                              and not (d / f).exists()})
             if missing:
                 raise CheckpointError(f"{index_name} in {str(d)!r} names missing file(s): {', '.join(missing)}")
-            return {k: d / f for k, f in weight_map.items()}
-        if (d / single).is_file():
-            return {k: d / single for k in _keys_of(d / single)}
+            return {k: _weight_file(d, f, index_name) for k, f in weight_map.items()}
+        if (d / single).exists():
+            path = _weight_file(d, single, "the folder")
+            return {k: path for k in _keys_of(path)}
     raise CheckpointError(
         f"{str(d)!r} has a config.json but no weights (model.safetensors, model-*.safetensors with an index, "
         "or pytorch_model*.bin)"
@@ -140,12 +130,15 @@ def _safe_open(path: Path):
         from safetensors import safe_open
     except ImportError:
         raise CheckpointError(f"reading {path.name} needs the safetensors package: pip install safetensors") from None
-    return safe_open(path, framework="pt")
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+        raise CheckpointError(f"cannot read {str(path)!r} ({path.stat().st_size} bytes): it is truncated or "
+                              f"corrupt ({e}); download it again") from None
 
 
 def _keys_of(path: Path) -> List[str]:
     if path.suffix == ".safetensors":
-
         with _safe_open(path) as f:
             return list(f.keys())
     return list(_load_bin(path).keys())
@@ -153,9 +146,21 @@ def _keys_of(path: Path) -> List[str]:
 
 def _load_bin(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # an old, non-zip file cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # an old, non-zip file cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or foreign pickles
+        raise CheckpointError(f"cannot read {str(path)!r}: it is truncated, corrupt or holds more than tensors "
+                              f"({type(e).__name__}); download it again, or convert it to safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
+    return state
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
 
 
 class HFState(Mapping):
@@ -202,6 +207,14 @@ class HFState(Mapping):
             return tuple(handle.get_slice(hf).get_shape())
         return tuple(handle[hf].shape)
 
+    def dtype_of(self, key: str) -> Optional[torch.dtype]:
+        """The tensor's dtype, without reading it (None where the file format does not say)."""
+        hf = self.hf_key[key]
+        handle = self._handle(self.files[hf])
+        if hasattr(handle, "get_slice"):
+            return _SAFETENSORS_DTYPES.get(handle.get_slice(hf).get_dtype())
+        return handle[hf].dtype
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._last[0] == key:
             return self._last[1]
@@ -222,8 +235,6 @@ class HFState(Mapping):
 
 def hf_config(params: dict, vocab_size: int, dtype: torch.dtype, max_position_embeddings: int = 4096) -> dict:
     """A Hugging Face LlamaForCausalLM config.json for ModelArgs-style `params`."""
-    from llama.model import ModelArgs
-
     args = ModelArgs.from_params(params, vocab_size=vocab_size)
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -243,13 +254,33 @@ def hf_config(params: dict, vocab_size: int, dtype: torch.dtype, max_position_em
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": str(dtype).replace("torch.", ""),
+        # Meta's params.json as it was, so that converting back gives the same file
+        "meta_params": {k: params[k] for k in META_PARAM_KEYS if k in params},
     }
+
+
+def _same_model(a: ModelArgs, b: ModelArgs) -> bool:
+    fields = ("dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden_dim", "norm_eps", "rope_theta")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
+def meta_params_of(config: dict) -> dict:
+    """params.json for converting this Hugging Face folder to Meta's format: the one it came
+    from (kept in config.json by `hf_config`) if it still describes the same model, else
+    one worked out from config.json (`llama.config.meta_params`)."""
+    derived = meta_params(params_from_hf(config))
+    kept = config.get("meta_params")
+    if isinstance(kept, dict):
+        try:
+            if _same_model(ModelArgs.from_params(kept), ModelArgs.from_params(derived)):
+                return {k: kept[k] for k in META_PARAM_KEYS if k in kept}
+        except (TypeError, ValueError):
+            pass
+    return derived
 
 
 def to_hf_state(meta_state: Mapping, params: dict) -> Dict[str, torch.Tensor]:
     """A whole Meta state dict -> Hugging Face keys and q/k row order (compact copies)."""
-    from llama.model import ModelArgs
-
     args = ModelArgs.from_params(params)
     out = {}
     layer_key = re.compile(r"layers\.(\d+)\.(.*)")

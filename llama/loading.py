@@ -12,43 +12,31 @@ import struct
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
-from torch import nn
 
-from llama.model import ModelArgs, Transformer
+from llama.checkpoint import Checkpoint
+from llama.config import ModelArgs
+from llama.layout import UNUSED_KEYS, QuantSpec, is_aux_key
+from llama.model import Transformer
+from llama.quant import quantize_items, whole_row_absmax
 
 CHUNK_BYTES = 128 << 20
 READERS = 4
 
 
-@contextmanager
-def _skip_init():
-    """nn.Linear and nn.Embedding skip their random initialisation (which, on the meta device,
-    also costs torch over a second the first time)."""
-    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
-
-
 def empty_model(args: ModelArgs) -> Transformer:
-    """The model on the meta device, nothing allocated or initialised: weights load next."""
-    with _skip_init(), torch.device("meta"):
+    """The model on the meta device, nothing allocated: weights load next (`assign=True`)."""
+    with torch.device("meta"):
         return Transformer(args)
 
 
 def as_dtype(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t` in the model's `dtype` if it is a float weight; quantized weights and their scales
-    keep their own dtypes (`llama.quant`)."""
-    from llama import quant
-
-    if not t.is_floating_point() or t.dtype == dtype or quant.is_aux_key(key):
+    keep their own dtypes."""
+    if not t.is_floating_point() or t.dtype == dtype or is_aux_key(key):
         return t
     return t.to(dtype)
 
@@ -179,35 +167,32 @@ def read_to_device(path: Path, state: Dict[str, torch.Tensor], offsets: Dict[str
     return {k: as_dtype(k, t, dtype) for k, t in out.items()}
 
 
-def load_rank(paths, shards, rank: int, world_size: int, device: torch.device,
-              dtype: torch.dtype, spec=None) -> Dict[str, torch.Tensor]:
-    """This rank's weights on `device` in `dtype`, from Meta's shards (any shard count);
-    with a `quant.Spec`, the linear layers quantized one tensor at a time on `device`.
+def load_rank(ckpt: Checkpoint, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+              spec: Optional[QuantSpec] = None) -> Dict[str, torch.Tensor]:
+    """This rank's weights on `device` in `dtype`, from the checkpoint's shards (any shard
+    count); with `spec`, the linear layers quantized one tensor at a time on `device`.
 
     On CUDA, when this rank's shard is one file as it is, that file is read directly;
     otherwise each tensor is cut from the memory-mapped shards and staged.
     """
-    from llama.checkpoint import UNUSED_KEYS, iter_rank_state
-
+    shards = ckpt.shards
     if spec is not None:
-        return _load_quantized(shards, rank, world_size, device, dtype, spec)
+        return _load_quantized(ckpt, rank, world_size, device, dtype, spec)
     if device.type == "cuda" and len(shards) == world_size and isinstance(shards[rank], dict):
-        offsets = tensor_offsets(paths[rank], shards[rank])
+        offsets = tensor_offsets(ckpt.paths[rank], shards[rank])
         if offsets is not None:
             keys = [k for k in shards[rank] if k not in UNUSED_KEYS]
-            return read_to_device(paths[rank], shards[rank], offsets, keys, device, dtype)
-    return load_to_device(iter_rank_state(shards, rank, world_size), device, dtype)
+            return read_to_device(ckpt.paths[rank], shards[rank], offsets, keys, device, dtype)
+    return load_to_device(ckpt.rank_state(rank, world_size), device, dtype)
 
 
-def _load_quantized(shards, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
-                    spec) -> Dict[str, torch.Tensor]:
+def _load_quantized(ckpt: Checkpoint, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+                    spec: QuantSpec) -> Dict[str, torch.Tensor]:
     """Float weights quantized as they arrive on the device: at most one is there in 16 bit.
 
     An int8 row-parallel slice takes its scale from the whole row, so any world size gives
     the same numbers as one process.
     """
-    from llama import quant
-    from llama.checkpoint import iter_rank_state
-
-    items = iter_to_device(iter_rank_state(shards, rank, world_size), device)
-    return {k: as_dtype(k, t, dtype) for k, t in quant.quantize_items(items, shards, world_size, spec, device)}
+    items = iter_to_device(ckpt.rank_state(rank, world_size), device)
+    absmax = whole_row_absmax(ckpt.shards, world_size, spec)
+    return {k: as_dtype(k, t, dtype) for k, t in quantize_items(items, spec, device, absmax)}

@@ -5,7 +5,9 @@ from typing import List, Optional
 
 import torch
 
-from llama.model import ModelArgs
+from llama.checkpoint import valid_world_sizes
+from llama.config import ModelArgs, choose_group, kv_cache_bytes, weight_bytes
+from llama.layout import QuantSpec
 
 GiB = 1024**3
 
@@ -20,27 +22,13 @@ class MemoryPlan:
         return self.weights + self.kv_cache
 
 
-def param_count(args: ModelArgs) -> int:
-    d, h, hd = args.dim, args.ffn_hidden_dim, args.head_dim
-    attn = d * args.n_heads * hd * 2 + d * args.kv_heads * hd * 2
-    per_layer = attn + 3 * d * h + 2 * d
-    return args.n_layers * per_layer + 2 * args.vocab_size * d + d
-
-
-def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, max_batch_size: int, max_seq_len: int) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * args.n_layers * max_batch_size * max_seq_len * args.kv_heads * args.head_dim * elem
-
-
-def plan(args: ModelArgs, dtype: torch.dtype, world_size: int = 1, weight_bytes: Optional[int] = None) -> MemoryPlan:
-    """Bytes each of `world_size` processes needs for weights and KV cache.
-
-    `weight_bytes` overrides the weight size of `dtype` (e.g. for quantized weights).
-    """
-    if weight_bytes is None:
-        weight_bytes = param_count(args) * torch.empty((), dtype=dtype).element_size()
+def plan(args: ModelArgs, dtype: torch.dtype, world_size: int = 1, spec: Optional[QuantSpec] = None,
+         loading: bool = False) -> MemoryPlan:
+    """Bytes each of `world_size` processes needs for weights (linear layers in `spec`'s form if
+    given; `loading`: quantized while loading) and the KV cache of args.max_batch_size x
+    args.max_seq_len."""
     cache = kv_cache_bytes(args, dtype, args.max_batch_size, args.max_seq_len)
-    return MemoryPlan(weights=weight_bytes // world_size, kv_cache=cache // world_size)
+    return MemoryPlan(weights=weight_bytes(args, dtype, spec, world_size, loading), kv_cache=cache // world_size)
 
 
 def free_bytes(device: torch.device) -> Optional[int]:
@@ -57,20 +45,16 @@ def free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def _fitting(args: ModelArgs, dtype, world_size, budget, weight_bytes, quantized: bool) -> List[str]:
+def _fitting(args: ModelArgs, dtype, world_size: int, budget: int, spec: Optional[QuantSpec]) -> List[str]:
     """Settings that would fit `budget` bytes per process."""
-    from llama import quant
-
     hints = []
-    if not quantized:
+    if spec is None:
         for mode in ("int8", "int4"):
-            spec = quant.Spec(mode, quant.choose_group(args.dim, args.ffn_hidden_dim, world_size=world_size))
-            weights = quant.model_bytes(args, spec, dtype, world_size, loading=True)
-            if weights + plan(args, dtype, world_size, 0).kv_cache <= budget:
+            q = QuantSpec(mode, choose_group(args.dim, args.ffn_hidden_dim, world_size=world_size))
+            if plan(args, dtype, world_size, q, loading=True).total <= budget:
                 hints.append(f"quantize='{mode}' (--quantize {mode})")
                 break
-    per_proc = plan(args, dtype, world_size, weight_bytes).weights
-    room = budget - per_proc
+    room = budget - plan(args, dtype, world_size, spec).weights
     if room > 0:
         per_token = kv_cache_bytes(args, dtype, 1, 1) // world_size
         tokens = room // per_token
@@ -81,31 +65,22 @@ def _fitting(args: ModelArgs, dtype, world_size, budget, weight_bytes, quantized
             bs = tokens // args.max_seq_len
             if bs >= 1:
                 hints.append(f"max_batch_size={min(bs, args.max_batch_size)} with max_seq_len={args.max_seq_len}")
-    from llama.checkpoint import valid_world_sizes
-
     for m in valid_world_sizes(args, upto=16):
-        if m > world_size and plan(args, dtype, m, weight_bytes).total <= budget:
+        if m > world_size and plan(args, dtype, m, spec).total <= budget:
             hints.append(f"{m} processes (torchrun --nproc_per_node {m}, one GPU each)")
             break
     return hints
 
 
 def check_fits(args: ModelArgs, dtype: torch.dtype, world_size: int, device: torch.device,
-               weight_bytes: Optional[int] = None, headroom: float = 0.95, spec=None,
-               quantizing: bool = False) -> MemoryPlan:
-    """Raises MemoryError, saying what would fit, if weights + KV cache exceed the device's free memory.
-
-    spec: the `quant.Spec` of quantized linear layers (`quantizing`: quantized while loading).
-    """
-    from llama import quant
-
-    if spec is not None and weight_bytes is None:
-        weight_bytes = quant.model_bytes(args, spec, dtype, 1, loading=quantizing) * world_size
-    need = plan(args, dtype, world_size, weight_bytes)
+               spec: Optional[QuantSpec] = None, loading: bool = False, headroom: float = 0.95) -> MemoryPlan:
+    """Raises MemoryError, saying what would fit, if weights + KV cache exceed the device's free
+    memory. spec: the quantized form of the linear layers (`loading`: quantized while loading)."""
+    need = plan(args, dtype, world_size, spec, loading)
     free = free_bytes(device)
     if free is None or need.total <= free * headroom:
         return need
-    hints = _fitting(args, dtype, world_size, int(free * headroom), weight_bytes, spec is not None)
+    hints = _fitting(args, dtype, world_size, int(free * headroom), spec)
     what = spec.mode if spec is not None else str(dtype).replace("torch.", "")
     raise MemoryError(
         f"the model needs {need.total / GiB:.2f} GiB on {device} per process "

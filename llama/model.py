@@ -1,69 +1,28 @@
 """The Llama 2 Transformer, as Meta's reference defines it.
 
-Plain PyTorch, one process's view of the model. Model parallelism
-(`llama.parallel`) and the fast decode path (`llama.fast`) are transforms of
-this model that reuse its parameters; the architecture is defined here only.
+Plain PyTorch, one process's view of the model, defined here only. Model parallelism
+(`llama.parallel`), quantization (`llama.quant`) and the fast decode path (`llama.fast`)
+are transforms of this model that reuse its parameters.
+
+Where a forward pass's tokens sit in the sequence is a `Step`: it applies RoPE at those
+positions, writes keys and values into the layer's `KVCache`, and attends. `forward(tokens,
+start_pos)` is the reference's step (slices of the cache up to start_pos + seqlen);
+the fast path (`llama.fast.step`) brings a static-shape step (cache rows and positions
+as tensors, a fixed attended length) and runs the same modules with it.
 """
 
-import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.config import ModelArgs
 
-@dataclass
-class ModelArgs:
-    """Model configuration; field names are those of Meta's params.json."""
-
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    vocab_size: int = -1  # -1: taken from the tokenizer
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # Code Llama sets 1e6
-    ffn_hidden_size: Optional[int] = None  # set: the SwiGLU hidden size as it is (Hugging Face's intermediate_size)
-    quantization: Optional[Dict[str, Any]] = None  # a quantized checkpoint's {"mode": "int8"|"int4", ...} (llama.quant)
-
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-
-    @classmethod
-    def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
-        """Builds ModelArgs from a params.json dict, warning about keys it does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            warnings.warn(f"params.json keys not used by this model: {', '.join(unknown)}")
-        kwargs = {k: v for k, v in params.items() if k in known}
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads (n_heads when params.json has no n_kv_heads)."""
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """SwiGLU hidden size, by the reference's rule (unless ffn_hidden_size gives it)."""
-        if self.ffn_hidden_size is not None:
-            return self.ffn_hidden_size
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+__all__ = ["ModelArgs", "Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "KVCache",
+           "precompute_freqs_cis", "apply_rotary_emb", "repeat_kv"]
 
 
 class RMSNorm(nn.Module):
@@ -88,17 +47,24 @@ def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Te
     return torch.polar(torch.ones_like(freqs), freqs)
 
 
-def apply_rotary_emb(
-    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotates (real, imag) pairs of adjacent dims; freqs_cis is (seqlen, head_dim // 2)."""
-    # (bs, seqlen, heads, head_dim // 2) complex
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # (1, seqlen, 1, head_dim // 2)
-    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
-    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+def rope_table(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """The same table as real numbers: (end, dim // 2, 2) cos and sin."""
+    return torch.view_as_real(precompute_freqs_cis(dim, end, theta)).contiguous()
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotates (real, imag) pairs of adjacent dims of x (bs, seqlen, heads, head_dim) by the
+    angles in `rope` (bs or 1, seqlen, head_dim // 2, 2), in float32, as the reference does."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (bs, seqlen, heads, head_dim // 2, 2)
+    cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)  # (bs, seqlen, 1, head_dim // 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(3).type_as(x)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference's signature: rotates q and k by a (seqlen, head_dim // 2) complex table."""
+    rope = torch.view_as_real(freqs_cis)[None]  # (1, seqlen, head_dim // 2, 2)
+    return apply_rope(xq, rope), apply_rope(xk, rope)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -113,11 +79,66 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
-class Attention(nn.Module):
-    """Grouped-query attention with the reference's KV cache.
+class KVCache(nn.Module):
+    """One layer's keys and values: `kv` (2, max_batch_size, max_seq_len, kv_heads, head_dim),
+    keys in kv[0], values in kv[1] (one tensor, so one kernel writes both)."""
 
-    `n_local_heads` / `n_local_kv_heads` are the heads this process holds; they
-    equal the model's head counts unless `llama.parallel` splits the model.
+    def __init__(self, max_batch_size: int, max_seq_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (2, max_batch_size, max_seq_len, kv_heads, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.kv.shape[2]
+
+
+def reference_attention(xq, keys, values, mask, n_rep: int) -> torch.Tensor:
+    """The reference's attention: (bs, seqlen, heads, head_dim) q over (bs, len, kv_heads,
+    head_dim) keys and values, with an additive mask; returns (bs, seqlen, heads, head_dim)."""
+    keys, values = repeat_kv(keys, n_rep), repeat_kv(values, n_rep)
+    xq = xq.transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
+    keys = keys.transpose(1, 2)  # (bs, n_local_heads, cache_len, head_dim)
+    values = values.transpose(1, 2)
+    scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(xq.shape[-1])
+    if mask is not None:
+        scores = scores + mask  # (bs, n_local_heads, seqlen, cache_len)
+    scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+    return torch.matmul(scores, values).transpose(1, 2)  # (bs, seqlen, n_local_heads, head_dim)
+
+
+@dataclass
+class Step:
+    """The reference's step: tokens at positions start_pos .. start_pos + seqlen - 1 of cache
+    rows 0 .. bs - 1; attention over the cache up to there, causal among the new tokens."""
+
+    start_pos: int
+    rope: torch.Tensor  # (1, seqlen, head_dim // 2, 2)
+    mask: Optional[torch.Tensor]  # (seqlen, start_pos + seqlen) additive, or None for one token
+    use_cache: bool = True  # False: attend over the new tokens only, the cache untouched
+
+    def attend(self, cache: Optional[KVCache], xq, xk, xv, n_rep: int) -> torch.Tensor:
+        xq, xk = apply_rope(xq, self.rope), apply_rope(xk, self.rope)
+        if cache is None or not self.use_cache:
+            return reference_attention(xq, xk, xv, self.mask, n_rep)
+        bsz, seqlen = xq.shape[:2]
+        end = self.start_pos + seqlen
+        cache.kv[0, :bsz, self.start_pos : end] = xk
+        cache.kv[1, :bsz, self.start_pos : end] = xv
+        return reference_attention(xq, cache.kv[0, :bsz, :end], cache.kv[1, :bsz, :end], self.mask, n_rep)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention.
+
+    `n_local_heads` / `n_local_kv_heads` are the heads this process holds; they equal the
+    model's head counts unless `llama.parallel` splits the model. The fast path replaces
+    wq, wk, wv by one projection, `wqkv`.
     """
 
     def __init__(self, args: ModelArgs):
@@ -131,73 +152,42 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: Optional[nn.Module] = None
+        self.cache: Optional[KVCache] = None
 
-        self.max_batch_size = args.max_batch_size
-        self.max_seq_len = args.max_seq_len
-        self.register_buffer("cache_k", self._empty_cache(), persistent=False)
-        self.register_buffer("cache_v", self._empty_cache(), persistent=False)
-
-    def _empty_cache(self, **kwargs: Any) -> torch.Tensor:
-        # (max_batch_size, max_seq_len, n_local_kv_heads, head_dim)
-        shape = (self.max_batch_size, self.max_seq_len, self.n_local_kv_heads, self.head_dim)
-        return torch.zeros(shape, **kwargs)
-
-    def reset_cache(self, device: torch.device, dtype: torch.dtype, max_batch_size: int, max_seq_len: int) -> None:
-        """(Re)allocates the KV cache, zeroed, on `device` in `dtype`, for the given sizes."""
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.cache_k = self._empty_cache(device=device, dtype=dtype)
-        self.cache_v = self._empty_cache(device=device, dtype=dtype)
-
-    def qkv(
-        self, x: torch.Tensor, freqs_cis: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projects x and rotates q and k: (bs, seqlen, heads, head_dim) each."""
+    def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of x: (bs, seqlen, heads, head_dim) each."""
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-        return xq, xk, xv
+        q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
+        if self.wqkv is not None:
+            xq, xk, xv = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        return (xq.view(bsz, seqlen, self.n_local_heads, self.head_dim),
+                xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim),
+                xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        start_pos: int,
-        freqs_cis: torch.Tensor,
-        mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        xq, xk, xv = self.qkv(x, freqs_cis)
-
-        self.cache_k = self.cache_k.to(xq)
-        self.cache_v = self.cache_v.to(xq)
-        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        keys = repeat_kv(self.cache_k[:bsz, : start_pos + seqlen], self.n_rep)
-        values = repeat_kv(self.cache_v[:bsz, : start_pos + seqlen], self.n_rep)
-
-        xq = xq.transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)  # (bs, n_local_heads, cache_len, head_dim)
-        values = values.transpose(1, 2)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-        if mask is not None:
-            scores = scores + mask  # (bs, n_local_heads, seqlen, cache_len)
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores, values)  # (bs, n_local_heads, seqlen, head_dim)
-        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-        return self.wo(output)
+        xq, xk, xv = self.qkv(x)
+        output = step.attend(self.cache, xq, xk, xv, self.n_rep)
+        return self.wo(output.reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1(x)) * w3(x))."""
+    """SwiGLU: w2(silu(w1(x)) * w3(x)). The fast path replaces w1 and w3 by one gated
+    projection, `w13`, that computes silu(w1(x)) * w3(x)."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            return self.w2(self.w13(x))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -210,19 +200,17 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        start_pos: int,
-        freqs_cis: torch.Tensor,
-        mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+    def forward(self, x: torch.Tensor, step) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """Maps tokens to float32 logits, filling its KV cache from `start_pos` on."""
+    """Maps tokens to float32 logits, filling its KV cache from `start_pos` on.
+
+    Built on the meta device (as `llama.build` does) it holds no cache until `setup_cache`;
+    otherwise it has one for params.max_batch_size x params.max_seq_len, as the reference's.
+    """
 
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -230,44 +218,60 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
 
-        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        if torch.empty(0).device.type == "meta":  # (random init on meta costs torch a one-time 1.5 s import)
+            self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim,
+                                               _weight=torch.empty(params.vocab_size, params.dim))
+        else:
+            self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        self.register_buffer("freqs_cis", self._freqs_cis(), persistent=False)
+        self.register_buffer("rope", None, persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.setup_cache(params.max_batch_size, params.max_seq_len)
 
-    def _freqs_cis(self) -> torch.Tensor:
-        # The table covers 2 * max_seq_len positions, as the reference's does.
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
+        """Allocates every layer's KV cache, zeroed, for max_batch_size x max_seq_len tokens, and
+        the RoPE table for 2 * max_seq_len positions (as the reference's), on `device` in `dtype`
+        (default: the embedding's)."""
+        weight = self.tok_embeddings.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
         p = self.params
-        if torch.empty(0).device.type == "meta":
-            # Built on the meta device: a placeholder until reset_buffers (and no computing,
-            # since torch's first complex op on meta costs over a second).
-            return torch.empty(p.max_seq_len * 2, p.head_dim // 2, dtype=torch.complex64)
-        return precompute_freqs_cis(p.head_dim, p.max_seq_len * 2, p.rope_theta)
-
-    def reset_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Allocates the RoPE table and empty KV caches for `params`' current max_batch_size and
-        max_seq_len; used after loading onto `device`."""
-        with torch.device(device):
-            self.freqs_cis = self._freqs_cis()
+        self.params.max_batch_size, self.params.max_seq_len = max_batch_size, max_seq_len
+        self.rope = rope_table(p.head_dim, max_seq_len * 2, p.rope_theta).to(device)
         for layer in self.layers:
-            layer.attention.reset_cache(device, dtype, self.params.max_batch_size, self.params.max_seq_len)
+            attn = layer.attention
+            layer.attention.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim,
+                                            dtype, device)
+
+    def logits(self, tokens: torch.Tensor, step, last_only: bool = False) -> torch.Tensor:
+        """Float32 logits (bs, seqlen, vocab) of `tokens` (bs, seqlen) placed by `step`; with
+        `last_only`, of the last position only (bs, 1, vocab)."""
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, step)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        _bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)
-        self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
-
+        """Logits (bs, seqlen, vocab) of tokens at positions start_pos .., cached for later steps."""
+        seqlen = tokens.shape[1]
         mask = None
         if seqlen > 1:
             mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device)
             mask = torch.triu(mask, diagonal=1)
             # (seqlen, start_pos + seqlen): cached positions are all visible
-            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask])
+            mask = mask.to(self.tok_embeddings.weight.dtype)
+        return self.logits(tokens, Step(start_pos, self.rope[None, start_pos : start_pos + seqlen], mask))
 
-        for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
-        h = self.norm(h)
-        return self.output(h).float()
+    def score(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (bs, seqlen, vocab) of whole sequences from position 0, leaving the cache alone
+        (differentiable: for training and perplexity)."""
+        seqlen = tokens.shape[1]
+        rope = rope_table(self.params.head_dim, seqlen, self.params.rope_theta).to(tokens.device)[None]
+        mask = torch.triu(torch.full((seqlen, seqlen), float("-inf"), device=tokens.device), diagonal=1)
+        return self.logits(tokens, Step(0, rope, mask.to(self.tok_embeddings.weight.dtype), use_cache=False))

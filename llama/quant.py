@@ -1,45 +1,34 @@
 """Weight-only int8 and int4 quantization of the linear layers.
 
-Formats (the same in memory before `prepare` and in saved checkpoints), for a weight
-`X.weight` of shape (N out, K in):
-- int8: `X.weight` int8 (N, K) and `X.weight_scale` float32 (N,): w = q * scale, one
-  symmetric scale per output channel (absmax / 127 over the whole row);
-- int4: `X.weight` uint8 (N, K // 2), two 4-bit values per byte (even column in the high
-  nibble), and `X.weight_scales`, `X.weight_zeros` bf16 (N, K // group): w = (q - 8) *
-  scale + zero, asymmetric per group of `group` input columns.
-Embeddings and norms stay in 16 bit. `prepare` turns the stored form into what torch's
-kernels take. int8: on CUDA a Triton kernel of this library's (`llama.gemv`; torch's
-`_weight_int8pack_mm` is slower there than bf16) for up to 8 rows, else cuBLAS on the
-weights cast to 16 bit; on CPU torch's `_weight_int8pack_mm`. int4: torch's "tinygemm"
-`_weight_int4pack_mm` on CUDA (bf16) and `_weight_int4pack_mm_for_cpu` on CPU. Shapes or
-dtypes those do not take are dequantized on the fly.
+Formats (the same in memory and in saved checkpoints): `llama.layout.stored_form`.
+int8 has one symmetric scale per output channel; int4 a scale and a zero per group of
+`group` input columns. Embeddings and norms stay in 16 bit.
+
+Products: on CUDA, this package's Triton kernels read the stored form as it is
+(`llama.kernels.quantized_linear`). On the CPU, torch's `_weight_int8pack_mm` and
+`_weight_int4pack_mm_for_cpu` (the int4 weight repacked once, by `prepare`). Elsewhere the
+weight is dequantized on the fly.
 """
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama import gemv
+from llama import kernels, parallel
+from llama.config import choose_group
+from llama.kernels.reference import dequantize_int4, dequantize_int8, silu_mul, unpack_int4
+from llama.checkpoint import rank_tensor
+from llama.layout import QUANT_LAYERS, QUANT_MODES, QuantSpec, is_quantized_layer, split_dim, stored_form
 
-MODES = ("int8", "int4")
-DEFAULT_GROUP = 128
-LAYERS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # the linear layers quantized
-_TINYGEMM_GROUPS = (32, 64, 128, 256)
+Spec = QuantSpec  # the name callers have used
+MODES = QUANT_MODES
+LAYERS = QUANT_LAYERS
+_TORCH_INT4_GROUPS = (32, 64, 128, 256)
 
-
-@dataclass(frozen=True)
-class Spec:
-    """How a model's linear layers are quantized."""
-
-    mode: str  # "int8" or "int4"
-    group: int = DEFAULT_GROUP  # int4 only: input columns per scale
-
-    def params(self) -> dict:
-        """The `quantization` entry of a quantized checkpoint's params.json."""
-        return {"mode": self.mode, "group_size": self.group} if self.mode == "int4" else {"mode": self.mode}
+__all__ = ["Spec", "QuantLinear", "quantize_weight", "quantize_items", "quantize_modules", "prepare",
+           "check_mode", "choose_group", "dequantize_int8", "dequantize_int4", "unpack_int4", "pack_int4"]
 
 
 def check_mode(mode) -> Optional[str]:
@@ -49,40 +38,7 @@ def check_mode(mode) -> Optional[str]:
     raise ValueError(f"quantize must be None, 'int8' or 'int4', got {mode!r}")
 
 
-def choose_group(dim: int, hidden_dim: int, group: int = DEFAULT_GROUP, world_size: int = 1) -> int:
-    """`group`, or the largest power of two below it that splits both input sizes (dim for
-    wq..w3 and output, hidden_dim for w2) into whole groups on each of `world_size` ranks.
-
-    E.g. 7B's FFN (11008 = 86 x 128) takes groups of 128 on 1 or 2 ranks, of 32 on 8.
-    """
-    if group < 1 or group & (group - 1):
-        raise ValueError(f"group_size must be a power of two, got {group}")
-    while group > 1 and (dim % (group * world_size) or hidden_dim % (group * world_size)):
-        group //= 2
-    return group
-
-
-def spec_from_params(quantization) -> Optional[Spec]:
-    """The Spec a checkpoint's params.json `quantization` entry describes (None: not quantized)."""
-    if quantization is None:
-        return None
-    if not isinstance(quantization, dict) or quantization.get("mode") not in MODES:
-        raise ValueError(f"params.json 'quantization' should be {{'mode': 'int8' | 'int4', ...}}, got {quantization!r}")
-    return Spec(quantization["mode"], int(quantization.get("group_size", DEFAULT_GROUP)))
-
-
-def is_quantized_layer(key: str) -> bool:
-    """True for the weight keys this module quantizes (`layers.0.attention.wq.weight`, `output.weight`)."""
-    parts = key.split(".")
-    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in LAYERS
-
-
-def is_aux_key(key: str) -> bool:
-    """True for the scales and zeros stored beside a quantized weight."""
-    return key.rsplit(".", 1)[-1] in ("weight_scale", "weight_scales", "weight_zeros")
-
-
-# -- quantize / dequantize ----------------------------------------------------------------------
+# -- quantize ------------------------------------------------------------------------------------
 
 
 def quantize_int8(w: torch.Tensor, absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -94,10 +50,6 @@ def quantize_int8(w: torch.Tensor, absmax: Optional[torch.Tensor] = None) -> Tup
     scale = (absmax.float() / 127).clamp(min=1e-12)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,24 +72,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(N, K // 2) uint8 -> (N, K) uint8 values 0..15."""
-    return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(1)
-
-
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    q = unpack_int4(packed).float()
-    n, k = q.shape
-    group = k // scales.shape[1]
-    w = (q.reshape(n, -1, group) - 8) * scales.float()[..., None] + zeros.float()[..., None]
-    return w.reshape(n, k)
-
-
-def tinygemm_scales(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """(K // group, N, 2) scales and zeros, as `_weight_int4pack_mm` takes them."""
-    return torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
-
-
 def quantize_weight(key: str, w: torch.Tensor, spec: Spec, absmax: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The stored form of weight `key` (e.g. 'layers.0.attention.wq.weight'), on w's device."""
     base = key[: -len("weight")]
@@ -148,106 +82,71 @@ def quantize_weight(key: str, w: torch.Tensor, spec: Spec, absmax: Optional[torc
     return {key: q, base + "weight_scales": scales, base + "weight_zeros": zeros}
 
 
-def row_absmax(key: str, shards, world_size: int, spec: Spec) -> Optional[torch.Tensor]:
-    """For int8 on several ranks, the largest |w| of each whole row of a row-parallel weight
-    (cut from the source `shards`), so every rank's slice shares its row's scale and any
-    world size quantizes alike; else None (the slice's own rows are whole)."""
-    from llama.checkpoint import rank_tensor, split_dim
+def whole_row_absmax(shards, world_size: int, spec: Spec) -> Callable[[str], Optional[torch.Tensor]]:
+    """For int8 on several ranks: key -> the largest |w| of each whole row of a row-parallel
+    weight (cut from the source `shards`), so every rank's slice shares its row's scale and
+    any world size quantizes alike; None where a slice's rows are whole."""
+    def absmax(key: str) -> Optional[torch.Tensor]:
+        if spec.mode != "int8" or world_size == 1 or split_dim(key) != 1:
+            return None
+        return rank_tensor(key, shards, 0, 1).abs().amax(dim=1)
 
-    if spec.mode != "int8" or world_size == 1 or split_dim(key) != 1:
-        return None
-    return rank_tensor(key, shards, 0, 1).abs().amax(dim=1)
+    return absmax
 
 
-def quantize_items(items, shards, world_size: int, spec: Spec, device: torch.device):
-    """(key, tensor) of a rank's state (`items`, cut from the source `shards` for `world_size`
-    ranks), with each linear weight replaced by its stored form, quantized on `device`; other
-    tensors pass as they are. At most one float weight is held at a time."""
+def quantize_items(items: Iterable[Tuple[str, torch.Tensor]], spec: Spec, device: torch.device,
+                   row_absmax: Callable[[str], Optional[torch.Tensor]] = lambda key: None
+                   ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a rank's state with each linear weight replaced by its stored form,
+    quantized on `device`; other tensors pass as they are. At most one float weight is held at
+    a time. `row_absmax(key)`: the whole rows' largest |w| where the weight is a slice of them."""
     for key, t in items:
         if not is_quantized_layer(key):
             yield key, t
             continue
-        absmax = row_absmax(key, shards, world_size, spec)
+        absmax = row_absmax(key)
         stored = quantize_weight(key, t.to(device), spec, None if absmax is None else absmax.to(device))
         del t
         yield from stored.items()
 
 
-def stored_shapes(key: str, shape: Tuple[int, int], spec: Spec) -> Dict[str, Tuple[tuple, torch.dtype]]:
-    """{key: (shape, dtype)} of the stored form of a float weight of `shape`."""
-    n, k = shape
-    base = key[: -len("weight")]
-    if spec.mode == "int8":
-        return {key: ((n, k), torch.int8), base + "weight_scale": ((n,), torch.float32)}
-    return {key: ((n, k // 2), torch.uint8), base + "weight_scales": ((n, k // spec.group), torch.bfloat16),
-            base + "weight_zeros": ((n, k // spec.group), torch.bfloat16)}
-
-
-def weight_bytes(shape: Tuple[int, int], spec: Spec, dtype: torch.dtype) -> int:
-    """Bytes a quantized (N, K) weight takes on the device once prepared."""
-    n, k = shape
-    elem = torch.empty((), dtype=dtype).element_size()
-    if spec.mode == "int8":
-        return n * k + n * elem
-    return n * k // 2 + 2 * n * (k // spec.group) * 2
-
-
-def model_bytes(args, spec: "Spec", dtype: torch.dtype, world_size: int = 1, loading: bool = False) -> int:
-    """Bytes of a model's weights per process with its linear layers quantized to `spec`;
-    `loading`: plus the float32 workspace of quantizing the largest weight on the device."""
-    from llama.checkpoint import expected_shapes
-
-    elem = torch.empty((), dtype=dtype).element_size()
-    total, largest = 0, 0
-    for key, shape in expected_shapes(args).items():
-        if is_quantized_layer(key):
-            total += weight_bytes(shape, spec, dtype)
-            largest = max(largest, shape[0] * shape[1])
-        else:
-            total += elem * int(torch.Size(shape).numel())
-    workspace = 4 * 4 * largest // world_size if loading else 0  # w in float32 and a few temporaries
-    return total // world_size + workspace
-
-
-# -- modules ------------------------------------------------------------------------------------
+# -- the module ----------------------------------------------------------------------------------
 
 
 class QuantLinear(nn.Module):
-    """y = x @ W.T for a quantized W (no bias), stored as described above until `prepare`."""
+    """y = x @ W.T for a quantized W (no bias), stored as `llama.layout.stored_form` says.
 
-    def __init__(self, in_features: int, out_features: int, spec: Spec):
+    `gated`: W is [W1; W3] and y = silu(x @ W1.T) * (x @ W3.T), the fast path's joined
+    feed-forward projection.
+    """
+
+    def __init__(self, in_features: int, out_features: int, spec: Spec, gated: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.in_features, self.out_features, self.spec, self.gated = in_features, out_features, spec, gated
         self.kernel = None  # set by prepare
-        for name, (shape, dtype) in stored_shapes("weight", (out_features, in_features), spec).items():
+        for name, (shape, dtype) in stored_form("weight", (out_features, in_features), spec).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
 
     @classmethod
     def like(cls, linear: nn.Module, spec: Spec) -> "QuantLinear":
-        """A quantized stand-in for `linear` (nn.Linear or a fairscale parallel layer), with the
-        same local shape and, for fairscale layers, the same collectives."""
+        """A quantized stand-in for a local nn.Linear, with the same shape."""
         out_f, in_f = linear.weight.shape
-        from llama import parallel
-
-        if isinstance(linear, parallel.ColumnParallelLinear):
-            return ColumnParallelQuantLinear(in_f, out_f, spec, linear.gather_output)
-        if isinstance(linear, parallel.RowParallelLinear):
-            return RowParallelQuantLinear(in_f, out_f, spec)
         return cls(in_f, out_f, spec)
 
     @classmethod
-    def cat(cls, parts: List["QuantLinear"]) -> "QuantLinear":
+    def cat(cls, parts: List["QuantLinear"], gated: bool = False) -> "QuantLinear":
         """One layer computing the outputs of `parts` side by side (their stored forms joined)."""
         if any(p.kernel is not None for p in parts):
             raise RuntimeError("quantized layers are joined (fast path) before quant.prepare(model), not after")
-        spec = parts[0].spec
-        fused = cls(parts[0].in_features, sum(p.out_features for p in parts), spec)
+        fused = cls(parts[0].in_features, sum(p.out_features for p in parts), parts[0].spec, gated)
         for name, _ in list(fused.named_buffers(recurse=False)):
             setattr(fused, name, torch.cat([getattr(p, name) for p in parts], dim=0))
         return fused
 
     def dequantized(self) -> torch.Tensor:
         """The float32 (N, K) weight this layer holds, from its stored form."""
+        if self.kernel == "int4cpu":
+            raise RuntimeError("the int4 weight is in the CPU kernel's packed form: dequantize before prepare()")
         if self.spec.mode == "int8":
             return dequantize_int8(self.weight, self.weight_scale)
         return dequantize_int4(self.weight, self.weight_scales, self.weight_zeros)
@@ -257,107 +156,57 @@ class QuantLinear(nn.Module):
         if self.kernel is not None:
             return
         device = self.weight.device
-        n, k = self.out_features, self.in_features
-        if self.spec.mode == "int8":
-            self.weight_scale = self.weight_scale.to(dtype)
-            if device.type == "cpu":
-                self.kernel = "int8pack"
-            elif device.type == "cuda":
-                self.kernel = "int8triton" if gemv.available() else "int8cast"
-            else:
-                self.kernel = "dequant"
-            return
-        group = self.spec.group
-        if device.type == "cuda" and dtype == torch.bfloat16 and group in _TINYGEMM_GROUPS and n % 8 == 0:
-            tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
-            if tiles is not None:
-                self.kernel = "tinygemm"
-                self.weight = torch._convert_weight_to_int4pack(self.weight.contiguous(), tiles)
-                self.scales_and_zeros = tinygemm_scales(self.weight_scales, self.weight_zeros)
-                del self.weight_scales, self.weight_zeros
-                return
-        if device.type == "cpu" and group in _TINYGEMM_GROUPS and n % 16 == 0:
+        n = self.out_features
+        if device.type == "cuda":
+            self.kernel = "triton" if kernels.available() else "dequant"
+        elif self.spec.mode == "int8":
+            self.kernel = "int8pack" if device.type == "cpu" else "dequant"
+        elif device.type == "cpu" and self.spec.group in _TORCH_INT4_GROUPS and n % 16 == 0:
             self.kernel = "int4cpu"
             self.weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
-            self.scales_and_zeros = tinygemm_scales(self.weight_scales, self.weight_zeros).to(dtype)
+            self.scales_and_zeros = torch.stack([self.weight_scales.t(), self.weight_zeros.t()], dim=-1).to(dtype)
             del self.weight_scales, self.weight_zeros
-            return
-        self.kernel = "dequant"
+        else:
+            self.kernel = "dequant"
+        if self.spec.mode == "int8":
+            self.scale_in_dtype = self.weight_scale.to(dtype)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W.T, not gated."""
+        if self.kernel == "int8pack":
+            return torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scale_in_dtype.to(x.dtype))
+        if self.kernel == "int4cpu":
+            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group,
+                                                     self.scales_and_zeros.to(x.dtype))
+        return F.linear(x, self.dequantized().to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            zeros = self.weight_zeros if self.spec.mode == "int4" else None
+            scale = self.weight_scale if self.spec.mode == "int8" else self.weight_scales
+            y = kernels.quantized_linear(x, self.spec.mode, self.weight, scale, zeros, self.spec.group, self.gated)
+            if y is not None:
+                return y
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(x.contiguous(), self.weight, self.weight_scale)
-        elif self.kernel == "int8triton" and x.shape[0] <= gemv.MAX_ROWS:
-            y = gemv.mm(x, self.weight, self.weight_scale)
-        elif self.kernel in ("int8triton", "int8cast"):
-            y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale
-        elif self.kernel == "tinygemm":
-            y = torch._weight_int4pack_mm(x.contiguous(), self.weight, self.spec.group, self.scales_and_zeros)
-        elif self.kernel == "int4cpu":
-            y = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group, self.scales_and_zeros)
-        else:
-            y = F.linear(x, self.dequantized().to(x.dtype))
-        return y.reshape(*shape[:-1], self.out_features)
+        y = self._product(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.out_features)
+        return silu_mul(y) if self.gated else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}, kernel={self.kernel}"
-
-
-class ColumnParallelQuantLinear(QuantLinear):
-    """fairscale's ColumnParallelLinear (output features split) with a quantized weight."""
-
-    def __init__(self, in_features: int, out_features: int, spec: Spec, gather_output: bool):
-        super().__init__(in_features, out_features, spec)
-        self.gather_output = gather_output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from llama import parallel
-
-        return parallel.column_parallel(super().forward, x, self.gather_output)
-
-
-class RowParallelQuantLinear(QuantLinear):
-    """fairscale's RowParallelLinear (input features split, outputs summed) with a quantized weight."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from llama import parallel
-
-        return parallel.row_parallel(super().forward, x)
-
-
-class QuantSlice(nn.Module):
-    """Columns [start, stop) of a joined layer's output: what one of its parts computed."""
-
-    def __init__(self, joined: QuantLinear, start: int, stop: int):
-        super().__init__()
-        self._joined = (joined,)  # a tuple, so the joined layer is not registered twice
-        self.start, self.stop = start, stop
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._joined[0].weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._joined[0](x)[..., self.start : self.stop]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}, "
+                f"kernel={self.kernel}{', gated' if self.gated else ''}")
 
 
 def quantize_modules(model: nn.Module, spec: Spec) -> nn.Module:
     """Replaces the linear layers of a meta-device Transformer (plain or parallelized) with
     QuantLinear stand-ins, ready for a quantized state dict; returns the model."""
-    model.output = QuantLinear.like(model.output, spec)
-    for layer in model.layers:
-        for mod in (layer.attention, layer.feed_forward):
-            for name in LAYERS:
-                if hasattr(mod, name):
-                    setattr(mod, name, QuantLinear.like(getattr(mod, name), spec))
+    for parent, name in parallel.linear_layers(model):
+        setattr(parent, name, parallel.map_local(getattr(parent, name), lambda lin: QuantLinear.like(lin, spec)))
     return model
 
 
 def prepare(model: nn.Module, dtype: torch.dtype) -> None:
-    """Converts every QuantLinear of `model` to its kernel's form (after loading, and after
-    the fast path has joined its projections)."""
+    """Converts every QuantLinear of `model` to its kernel's form (after loading, and after the
+    fast path has joined its projections)."""
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             mod.prepare(dtype)

@@ -38,24 +38,15 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
 
 @dataclass
 class Sampler:
-    """How the next token is chosen. The defaults of top_k, repetition_penalty and generator
-    are off, leaving exactly the reference's computation (and RNG use)."""
+    """How the next token is chosen (values checked by `llama.options.Options`). The defaults
+    of top_k, repetition_penalty and generator are off, leaving exactly the reference's
+    computation (and RNG use)."""
 
     temperature: float = 0.6
     top_p: float = 0.9
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0  # 1.0: off
     generator: Optional[torch.Generator] = None  # None: torch's global RNG, as the reference
-
-    def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 turns it off), got {self.top_k!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty!r}")
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """Last-position logits (bs, vocab) and the tokens so far (bs, n) -> next ids (bs,)."""

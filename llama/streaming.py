@@ -1,4 +1,8 @@
-"""Token ids to text as they come: exact incremental detokenisation and stop strings."""
+"""Token ids to text as they come: incremental detokenisation and stop strings.
+
+Work per token is bounded by the tokens not yet settled into text and the longest stop
+string, so a whole answer costs time linear in its length.
+"""
 
 from typing import List, Optional, Sequence
 
@@ -16,9 +20,9 @@ def validate_stop(stop) -> List[str]:
     return stops
 
 
-def find_stop(text: str, stops: Sequence[str]) -> Optional[int]:
-    """Index of the earliest stop string in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+def find_stop(text: str, stops: Sequence[str], start: int = 0) -> Optional[int]:
+    """Index of the earliest stop string in `text` that begins at or after `start`, or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(found) if found else None
 
 
@@ -37,37 +41,62 @@ class TextStream:
     """Feeds token ids, yields text deltas whose concatenation is the decoded text.
 
     SentencePiece drops the leading space of a text and joins byte-fallback tokens into
-    characters, so the text is decoded whole each time and only its settled part is
-    emitted: never half a UTF-8 character, never the start of what may be a stop string.
+    characters, so each new token is decoded together with the tokens since the last
+    settled point (the difference of two short decodes gives its text); a delta is never
+    half a UTF-8 character, and never the start of what may be a stop string.
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stops = list(stops)
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.tokens: List[int] = []
+        self.text = ""  # the settled text (cut before a stop string once one is found)
+        self.ends: List[int] = []  # len(text) once each token's text has settled
         self.emitted = 0
         self.stopped = False  # a stop string was found: the text ends before it
-        self.text = ""
+        self._prefix = 0  # tokens[_prefix:_read] decode to the text just before the unsettled tokens
+        self._read = 0
 
     def add(self, token: int) -> str:
         """Adds a token; returns the newly settled text (possibly empty)."""
         if self.stopped:
             return ""
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens)
-        cut = find_stop(self.text, self.stops)
+        before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+        after = self.tokenizer.decode(self.tokens[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # an unfinished UTF-8 character
+            return ""
+        searched_from = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += after[len(before) :]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self.ends += [len(self.text)] * (len(self.tokens) - len(self.ends))
+        if not self.stops:
+            return self._emit(len(self.text))
+        cut = find_stop(self.text, self.stops, searched_from)
         if cut is not None:
             self.stopped = True
             self.text = self.text[:cut]
             return self._emit(len(self.text))
-        end = len(self.text) - _pending_stop_prefix(self.text, self.stops)
-        while end > self.emitted and self.text[end - 1] == "\ufffd":  # an unfinished UTF-8 character
-            end -= 1
-        return self._emit(end)
+        return self._emit(len(self.text) - _pending_stop_prefix(self.text[-self.longest_stop:], self.stops))
 
     def finish(self) -> str:
-        """The rest of the text, once no more tokens will come."""
+        """The rest of the text, once no more tokens will come (an unfinished character too)."""
+        if not self.stopped and self._read < len(self.tokens):
+            searched_from = max(0, len(self.text) - self.longest_stop + 1)
+            before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
+            self.text += self.tokenizer.decode(self.tokens[self._prefix :])[len(before) :]
+            self._read = len(self.tokens)
+            self.ends += [len(self.text)] * (len(self.tokens) - len(self.ends))
+            cut = find_stop(self.text, self.stops, searched_from) if self.stops else None
+            if cut is not None:
+                self.stopped = True
+                self.text = self.text[:cut]
         return self._emit(len(self.text))
+
+    def tokens_before_stop(self) -> int:
+        """How many tokens have their text wholly in the (cut) text."""
+        return sum(1 for end in self.ends if end <= len(self.text)) if self.stopped else len(self.tokens)
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:

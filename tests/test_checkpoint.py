@@ -10,10 +10,7 @@ import torch
 from llama import checkpoint as ck
 from llama.model import ModelArgs
 from tests.conftest import FIXTURES, GQA
-
-
-def load_all(d):
-    return [ck.load_shard(p) for p in ck.shard_paths(d)]
+from tests.helpers import load_all, merge, rank_state, reshard
 
 
 def assert_same_state(a, b):
@@ -25,16 +22,16 @@ def assert_same_state(a, b):
 def test_our_split_matches_metas_two_shard_fixture():
     whole = load_all(FIXTURES / "tiny-gqa")
     meta_mp2 = load_all(FIXTURES / "tiny-gqa-mp2")
-    for ours, theirs in zip(ck.reshard(whole, 2), meta_mp2):
+    for ours, theirs in zip(reshard(whole, 2), meta_mp2):
         assert_same_state(ours, theirs)
-    assert_same_state(ck.merge_shards(meta_mp2), whole[0])
+    assert_same_state(merge(meta_mp2), whole[0])
 
 
 def test_reshard_round_trip_is_bit_exact(ckpts):
     one = load_all(ckpts["gqa1"])
-    four = ck.reshard(one, 4)
-    assert_same_state(ck.reshard(ck.reshard(four, 2), 1)[0], one[0])
-    assert_same_state(ck.reshard(load_all(ckpts["gqa2"]), 4)[3], load_all(ckpts["gqa4"])[3])
+    four = reshard(one, 4)
+    assert_same_state(reshard(reshard(four, 2), 1)[0], one[0])
+    assert_same_state(reshard(load_all(ckpts["gqa2"]), 4)[3], load_all(ckpts["gqa4"])[3])
 
 
 @pytest.mark.parametrize("rank, world", [(0, 2), (1, 2), (1, 4), (0, 1)])
@@ -42,7 +39,7 @@ def test_rank_state_cuts_from_any_shard_count(ckpts, rank, world):
     want = ck.load_shard(Path(ckpts[f"gqa{world}"]) / f"consolidated.{rank:02d}.pth")
     want.pop("rope.freqs")
     for src in ("gqa1", "gqa2", "gqa4"):
-        assert_same_state(ck.rank_state(load_all(ckpts[src]), rank, world), want)
+        assert_same_state(rank_state(load_all(ckpts[src]), rank, world), want)
 
 
 def test_shard_counts_give_identical_output(ckpts, build):
@@ -74,9 +71,11 @@ def test_llama1_and_code_llama_params(ckpts, build, tmp_path):
     assert base[0]["logprobs"] != theta[0]["logprobs"]
 
 
-def test_save_refuses_to_overwrite(ckpts):
+def test_save_refuses_to_overwrite(ckpts, tmp_path):
+    with pytest.raises(ck.CheckpointError, match="is the input"):
+        ck.save_checkpoint(load_all(ckpts["gqa1"]), GQA, ckpts["gqa1"], inputs=[ckpts["gqa1"]])
     with pytest.raises(ck.CheckpointError, match="already holds a checkpoint"):
-        ck.save_checkpoint(load_all(ckpts["gqa1"]), GQA, ckpts["gqa1"])
+        ck.save_checkpoint(load_all(ckpts["gqa1"]), GQA, ckpts["gqa2"])
 
 
 def test_valid_world_sizes():
@@ -137,7 +136,7 @@ def test_params_that_do_not_match_weights(ckpts, tmp_path, build):
         build(str(d))
 
 
-def test_world_size_that_does_not_divide(ckpts):
-    args = ck.model_args(ckpts["gqa2"], vocab_size=32000)
+def test_world_size_that_does_not_divide(ckpts, build):
     with pytest.raises(ck.CheckpointError, match=r"cannot be split over 3 processes.*--nproc_per_node in: 1, 2"):
-        ck.open_checkpoint(ckpts["gqa2"], args, 3)
+        ck.check_split(ck.open_checkpoint(ckpts["gqa2"]).args, 3, into="over 3 processes",
+                       fix="it runs with --nproc_per_node in")

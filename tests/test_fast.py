@@ -14,25 +14,30 @@ PROMPTS = ["Hello world", "I believe the meaning of life is", "你好", "Once up
 
 @pytest.fixture(scope="module")
 def pair(ckpts, build):
-    """The same model (max_seq_len 300, to cross the 256-position KV bucket) with both decoders."""
-    faithful = build(ckpts["gqa1"], max_seq_len=300, fast=False)
-    fast = Llama(faithful.model, faithful.tokenizer, FastDecoder(faithful.model))
-    return faithful, fast
+    """The same weights (max_seq_len 300, past one 256-position KV bucket) on both paths."""
+    return build(ckpts["gqa1"], max_seq_len=300, fast=False), build(ckpts["gqa1"], max_seq_len=300, fast=True)
 
 
 def assert_same(a, b):
+    assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x["tokens"] == y["tokens"]
+        assert len(x["logprobs"]) == len(y["logprobs"])
         torch.testing.assert_close(x["logprobs"], y["logprobs"], rtol=0, atol=1e-4)
 
 
-def test_fusion_shares_memory_and_keeps_state_dict(pair):
-    faithful, _ = pair
-    layer = faithful.model.layers[0]
-    wq, wqkv = layer.attention.wq.weight, layer.attention.wqkv
-    assert wq.untyped_storage().data_ptr() == wqkv.untyped_storage().data_ptr()
-    assert "layers.0.attention.wqkv" not in faithful.model.state_dict()
-    assert torch.equal(layer.feed_forward.w13[: layer.feed_forward.w1.weight.shape[0]], layer.feed_forward.w1.weight)
+def test_transform_joins_the_projections(pair):
+    faithful, fast = pair
+    a, b = faithful.model.layers[0], fast.model.layers[0]
+    assert a.attention.wqkv is None and b.attention.wq is None and b.feed_forward.w1 is None
+    want = torch.cat([a.attention.wq.weight, a.attention.wk.weight, a.attention.wv.weight])
+    assert torch.equal(b.attention.wqkv.weight, want)
+    assert torch.equal(b.feed_forward.w13.weight, torch.cat([a.feed_forward.w1.weight, a.feed_forward.w3.weight]))
+    assert b.feed_forward.w13.gated and "layers.0.attention.wqkv.weight" in fast.model.state_dict()
+    with pytest.raises(RuntimeError, match="transformed for the fast path already"):
+        from llama.fast import transform
+
+        transform(fast.model)
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[1:2], PROMPTS], ids=["single", "ragged-batch"])
@@ -49,7 +54,7 @@ def test_eos_cut_matches(pair):
     full, _ = faithful.generate([prompt], max_gen_len=12, temperature=0)
     eos_tok = copy.copy(tok)
     eos_tok.eos_id = full[0][5]
-    want, _ = Llama(faithful.model, eos_tok, FaithfulDecoder(faithful.model)).generate([prompt], 12, temperature=0)
+    want, _ = Llama(faithful.model, eos_tok, faithful.decoder).generate([prompt], 12, temperature=0)
     got, _ = Llama(fast.model, eos_tok, fast.decoder).generate([prompt], 12, temperature=0)
     assert got == want and len(got[0]) < 12
 
@@ -61,30 +66,47 @@ def test_calls_in_a_row_with_other_sizes(pair):
         assert fast.text_completion(prompts, temperature=0, max_gen_len=n) == want
 
 
-def test_sampling_with_seed_matches_on_cpu(pair):
+def test_sampling_makes_the_same_draws(pair):
+    """Same RNG calls and, where the distribution is not near a tie, the same picks. Random
+    weights give near-uniform distributions, where float rounding alone can move a draw, so
+    the logits are sharpened (output weights x 4 in both models) for the comparison."""
     faithful, fast = pair
-    torch.manual_seed(3)
-    want = faithful.text_completion(PROMPTS, max_gen_len=20)
-    torch.manual_seed(3)
-    assert fast.text_completion(PROMPTS, max_gen_len=20) == want
-
-
-@pytest.mark.slow
-def test_compiled_block_step_matches_on_cpu(ckpts, build):
-    """torch.compile of the whole block (cache write and attention inside), for batches smaller
-    than max_batch_size and then the full batch, on CPU."""
-    faithful = build(ckpts["gqa1"], max_seq_len=64, fast=False)
-    fast = Llama(faithful.model, faithful.tokenizer, FastDecoder(faithful.model, compile=True))
-    assert fast.decoder.compile and not fast.decoder.cuda_graphs
-    kw = dict(temperature=0, max_gen_len=20, logprobs=True)
-    for prompts in (PROMPTS[1:2], PROMPTS[:3], PROMPTS):
-        assert_same(faithful.text_completion(prompts, **kw), fast.text_completion(prompts, **kw))
+    heads = [faithful.model.output.weight, fast.model.output.weight]
+    saved = [w.clone() for w in heads]
+    for w in heads:
+        w.mul_(4)
+    try:
+        torch.manual_seed(3)
+        want = faithful.text_completion(PROMPTS, max_gen_len=20)
+        state = torch.get_rng_state()
+        torch.manual_seed(3)
+        assert fast.text_completion(PROMPTS, max_gen_len=20) == want
+        assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        for w, s in zip(heads, saved):
+            w.copy_(s)
 
 
 def test_build_switch(ckpts, build):
     assert isinstance(build(ckpts["gqa1"]).decoder, FaithfulDecoder)  # CPU default
     llama = build(ckpts["gqa1"], fast=True)
-    assert isinstance(llama.decoder, FastDecoder) and not llama.decoder.compile and not llama.decoder.cuda_graphs
+    assert isinstance(llama.decoder, FastDecoder) and not llama.decoder.cuda_graphs
+
+
+def test_cache_set_up_again_for_other_sizes(ckpts, build):
+    faithful = build(ckpts["gqa1"], max_seq_len=64)
+    fast = build(ckpts["gqa1"], max_seq_len=64, fast=True)
+    want = faithful.text_completion(PROMPTS, temperature=0, max_gen_len=20)
+    fast.decoder.setup_cache(2, 64)
+    assert fast.text_completion(PROMPTS[:2], temperature=0, max_gen_len=20) == want[:2]
+    with pytest.raises(ValueError, match="3 prompts but max_batch_size is 2"):
+        fast.text_completion(PROMPTS[:3], temperature=0, max_gen_len=2)
+    for llama in (faithful, fast):
+        llama.decoder.setup_cache(1, 400)  # longer than the RoPE table either started with
+    long_want = faithful.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=300, logprobs=True)
+    long_got = fast.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=300, logprobs=True)
+    assert_same(long_want, long_got)
+    assert len(long_got[0]["tokens"]) > 256
 
 
 @pytest.mark.multiproc
@@ -108,17 +130,18 @@ def test_fast_path_under_two_processes(ckpts, tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_pair(ckpts):
-    from tests.conftest import TOKENIZER as tok
+    def make(fast):
+        return Llama.build(ckpts["wide1"], TOKENIZER, max_seq_len=600, max_batch_size=4, device="cuda",
+                           dtype="float32", fast=fast)
 
-    faithful = Llama.build(ckpts["gqa1"], tok, max_seq_len=600, max_batch_size=4, device="cuda", dtype="float32", fast=False)
-    fast = Llama(faithful.model, faithful.tokenizer, FastDecoder(faithful.model))
-    return faithful, fast
+    return make(False), make(True)
 
 
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_faithful_float32(gpu_pair):
+    """float32 on CUDA: cuBLAS and SDPA in place of the Triton kernels (16-bit only), as CUDA graphs."""
     faithful, fast = gpu_pair
-    assert fast.decoder.cuda_graphs and fast.decoder.compile
+    assert fast.decoder.cuda_graphs
     kw = dict(temperature=0, max_gen_len=500, logprobs=True)
     for prompts in (PROMPTS[:1], PROMPTS):
         want = faithful.text_completion(prompts, **kw)
@@ -126,36 +149,38 @@ def test_cuda_graph_decode_matches_faithful_float32(gpu_pair):
         for x, y in zip(want, got):
             assert x["tokens"] == y["tokens"]
             torch.testing.assert_close(x["logprobs"], y["logprobs"], rtol=0, atol=2e-3)  # TF32/flash rounding
-    assert {bucket for _, bucket in fast.decoder.graphs} >= {256, 512}
+    assert set(fast.decoder.graphs) == {1, 4}
+
+
+def greedy_agreement(decoder_a, decoder_b, tokens: torch.Tensor, prompt_len: int) -> float:
+    """Fraction of positions where both decoders' argmax next token agrees, each fed the same
+    tokens (teacher forcing: a free-running comparison means nothing after one divergence)."""
+    picks = []
+    for decoder in (decoder_a, decoder_b):
+        out = [decoder(tokens[:, :prompt_len], 0, False)[:, -1].argmax(-1)]
+        for pos in range(prompt_len, tokens.shape[1] - 1):
+            out.append(decoder(tokens[:, pos : pos + 1], pos, False)[:, -1].argmax(-1))
+        picks.append(torch.stack(out, dim=1))
+    return (picks[0] == picks[1]).float().mean().item()
 
 
 @pytest.mark.gpu
-def test_cuda_graph_bf16_agreement(ckpts):
-    from llama.fast.agreement import greedy_agreement
-    from tests.conftest import TOKENIZER as tok
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_cuda_kernels_bf16_agreement(ckpts, quantize):
+    """bf16 with the Triton kernels (GEMV, RoPE and cache, decode attention) against the faithful
+    path on the same (quantized) weights."""
+    def make(fast):
+        return Llama.build(ckpts["wide1"], TOKENIZER, max_seq_len=300, max_batch_size=4, device="cuda",
+                           dtype="bfloat16", fast=fast, quantize=quantize, group_size=32)
 
-    faithful = Llama.build(ckpts["wide1"], tok, max_seq_len=300, max_batch_size=4, device="cuda", dtype="bfloat16", fast=False)
-    fast = FastDecoder(faithful.model)
+    faithful, fast = make(False), make(True)
     prompts = [faithful.tokenizer.encode(p, bos=True, eos=False)[:3] for p in PROMPTS]
     never_stops = copy.copy(faithful.tokenizer)
     never_stops.eos_id = -100
     seqs, _ = Llama(faithful.model, never_stops, faithful.decoder).generate(prompts, 250, temperature=0, echo=True)
     tokens = torch.tensor([s[:250] for s in seqs], device="cuda")
-    rate = greedy_agreement(faithful.decoder, fast, tokens, prompt_len=3)
-    print(f"bf16 teacher-forced greedy agreement, fast vs faithful: {rate:.3f}")
-    assert rate > 0.9
-
-
-def test_reallocated_caches_are_picked_up(ckpts, build):
-    faithful = build(ckpts["gqa1"], max_seq_len=64)
-    fast = Llama(faithful.model, faithful.tokenizer, FastDecoder(faithful.model))
-    want = faithful.text_completion(PROMPTS, temperature=0, max_gen_len=20)
-    faithful.model.params.max_batch_size = 2
-    faithful.model.reset_buffers(torch.device("cpu"), torch.float32)
-    assert fast.text_completion(PROMPTS[:2], temperature=0, max_gen_len=20) == want[:2]
-    faithful.model.params.max_seq_len = 400  # longer than the RoPE table the fast path started with
-    faithful.model.reset_buffers(torch.device("cpu"), torch.float32)
-    long_want = faithful.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=300, logprobs=True)
-    long_got = fast.text_completion(PROMPTS[1:2], temperature=0, max_gen_len=300, logprobs=True)
-    assert_same(long_want, long_got)
-    assert len(long_got[0]["tokens"]) > 256
+    for rows in (1, 4):
+        with torch.inference_mode():
+            rate = greedy_agreement(faithful.decoder, fast.decoder, tokens[:rows], prompt_len=3)
+        print(f"bf16 teacher-forced greedy agreement, fast vs faithful, {quantize or 'bf16'}, {rows} row(s): {rate:.3f}")
+        assert rate > 0.9

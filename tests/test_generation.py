@@ -29,7 +29,6 @@ def test_logprobs_match_a_direct_forward_pass(gqa):
     out, lps = gqa.generate([prompt], max_gen_len=8, temperature=0, logprobs=True, echo=True)
     seq = out[0]
     assert seq[: len(prompt)] == prompt and len(seq) == len(prompt) + 8
-    gqa.model.reset_buffers(gqa.device, torch.float32)
     logits = gqa.model.forward(torch.tensor([seq]), 0)[0]
     want = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
     assert lps[0][0] == 0.0  # BOS has no prediction

@@ -12,6 +12,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from llama import Llama  # noqa: E402
 from llama import checkpoint as ck  # noqa: E402
+from llama.config import META_PARAM_KEYS, reference_hidden  # noqa: E402
 from llama.tools import convert  # noqa: E402
 from tests.conftest import TOKENIZER, torchrun  # noqa: E402
 
@@ -64,7 +65,6 @@ def build(path, **kw):
 
 
 def ours_logits(llama, tokens):
-    llama.model.reset_buffers(torch.device("cpu"), torch.float32)
     return llama.model.forward(tokens, 0)
 
 
@@ -104,7 +104,8 @@ def test_hf_meta_hf_round_trip_is_bit_exact(hf_dir, tmp_path):
     src = hf_dir / "sharded"
     convert.hf_to_meta(src, tmp_path / "meta", shards=2)
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
-    assert params["ffn_hidden_size"] == 100 and params["rope_theta"] == 50000.0 and params["vocab_size"] == -1
+    assert set(params) <= set(META_PARAM_KEYS) and params["rope_theta"] == 50000.0 and params["vocab_size"] == -1
+    assert reference_hidden(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")) == 100
     convert.meta_to_hf(tmp_path / "meta", tmp_path / "hf", str(src / "tokenizer.model"))
     original = {}
     for f in src.glob("*.safetensors"):
@@ -133,7 +134,7 @@ def test_check_tool_on_hf_dir(hf_dir, capsys):
 
 
 def test_meta_params_keep_the_reference_rule_when_possible():
-    from llama.hf import meta_params
+    from llama.config import meta_params
 
     p7 = meta_params({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "vocab_size": 32000,
                       "norm_eps": 1e-5, "rope_theta": 10000.0, "ffn_hidden_size": 11008})

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
-from llama.model import RMSNorm, apply_rotary_emb, precompute_freqs_cis, repeat_kv
+from llama.model import RMSNorm, Step, apply_rope, apply_rotary_emb, precompute_freqs_cis, repeat_kv, rope_table
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_incremental_decode_matches_full_pass():
     tokens = torch.randint(0, 100, (2, 10))
     full = model(tokens, 0)
     assert full.shape == (2, 10, 100) and full.dtype == torch.float32
-    model.reset_buffers(torch.device("cpu"), torch.float32)
+    model.setup_cache(2, 16)
     step = [model(tokens[:, :4], 0)]
     step += [model(tokens[:, i : i + 1], i) for i in range(4, 10)]
     torch.testing.assert_close(torch.cat(step, dim=1), full, rtol=1e-4, atol=1e-4)
@@ -89,28 +89,25 @@ def test_attention_matches_sdpa_in_float64():
     model = tiny_model(n_kv_heads=2).double()
     attn = model.layers[0].attention
     x = torch.randn(2, 6, 32, dtype=torch.float64)
-    freqs = model.freqs_cis[:6]
+    rope = model.rope[None, :6]
     mask = torch.triu(torch.full((6, 6), float("-inf"), dtype=torch.float64), diagonal=1)
-    got = attn(x, 0, freqs, mask)
-    xq, xk, xv = attn.qkv(x, freqs)
+    got = attn(x, Step(0, rope, mask))
+    xq, xk, xv = attn.qkv(x)
+    xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
     k, v = repeat_kv(xk, 2), repeat_kv(xv, 2)
     o = F.scaled_dot_product_attention(xq.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     want = attn.wo(o.transpose(1, 2).reshape(2, 6, 32))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # RoPE runs in float32, as in the reference
 
 
-def test_fairscale_layers_at_one_rank_give_the_plain_models_logits():
-    """The reference's one-GPU model (fairscale layers, model parallel of size 1) computes
-    what the plain model does; benchmarks/decode.py times both."""
-    from llama.distributed import init_model_parallel
-    from llama.loading import empty_model
-    from llama.parallel import parallelize
+def test_score_is_the_cached_forward_without_the_cache():
+    model = tiny_model(n_kv_heads=2)
+    tokens = torch.randint(0, 100, (2, 9))
+    before = model.layers[0].attention.cache.kv.clone()
+    scored = model.score(tokens)
+    assert torch.equal(model.layers[0].attention.cache.kv, before)
+    torch.testing.assert_close(scored, model(tokens, 0), rtol=1e-5, atol=1e-5)
 
-    plain = tiny_model(n_kv_heads=2)
-    init_model_parallel(1, torch.device("cpu"))
-    wrapped = parallelize(empty_model(plain.params), 1, at_one=True)
-    assert type(wrapped.layers[0].attention.wq).__name__ == "ColumnParallelLinear"
-    wrapped.load_state_dict(plain.state_dict(), assign=True)
-    wrapped.reset_buffers(torch.device("cpu"), torch.float32)
-    tokens = torch.randint(0, 100, (2, 7))
-    torch.testing.assert_close(wrapped(tokens, 0), plain(tokens, 0), rtol=0, atol=0)
+
+def test_rope_table_is_the_reference_complex_table():
+    assert torch.equal(rope_table(16, 64), torch.view_as_real(precompute_freqs_cis(16, 64)))

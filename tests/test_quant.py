@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, memory, quant
+from llama.config import weight_bytes
 from llama import checkpoint as ck
 from llama.tools import check, quantize
 from tests.conftest import TOKENIZER, torchrun
+from tests.helpers import cli
 
 INT4 = quant.Spec("int4", 32)
 
@@ -127,8 +129,9 @@ def test_quantize_errors(ckpts, build, tmp_path):
         build(str(out), quantize="int4")
     with pytest.raises(ck.CheckpointError, match="already quantized"):
         quantize.quantize_dir(out, "int4", tmp_path / "again", device="cpu")
-    assert quantize.main(["--ckpt_dir", ckpts["gqa1"], "--mode", "int4", "--out", str(tmp_path / "x"),
-                          "--shards", "3"]) == 2
+    assert cli(quantize.main, "--ckpt_dir", ckpts["gqa1"], "--mode", "int4", "--out", str(tmp_path / "x"),
+               "--shards", "3") == 2
+    assert not (tmp_path / "x").exists()
     params = json.loads((out / "params.json").read_text())
     (out / "params.json").write_text(json.dumps(dict(params, quantization={"mode": "int2"})))
     with pytest.raises(ck.CheckpointError, match="'quantization' should be"):
@@ -151,13 +154,13 @@ def test_int4_world_sizes_keep_whole_groups():
 def test_memory_planner_knows_quantized_sizes(monkeypatch):
     args13 = ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=512, max_batch_size=1)
     bf16 = memory.plan(args13, torch.bfloat16).weights
-    int8 = quant.model_bytes(args13, quant.Spec("int8"), torch.bfloat16)
-    int4 = quant.model_bytes(args13, quant.Spec("int4", 128), torch.bfloat16)
+    int8 = weight_bytes(args13, torch.bfloat16, quant.Spec("int8"))
+    int4 = weight_bytes(args13, torch.bfloat16, quant.Spec("int4", 128))
     assert 0.5 < int8 / bf16 < 0.53 and 0.27 < int4 / bf16 < 0.3
     monkeypatch.setattr(memory, "free_bytes", lambda device: 12 * memory.GiB)
     with pytest.raises(MemoryError, match=r"It would fit with: quantize='int4' \(--quantize int4\)"):
         memory.check_fits(args13, torch.bfloat16, 1, torch.device("cuda"))
-    memory.check_fits(args13, torch.bfloat16, 1, torch.device("cuda"), spec=quant.Spec("int4", 128), quantizing=True)
+    memory.check_fits(args13, torch.bfloat16, 1, torch.device("cuda"), spec=quant.Spec("int4", 128), loading=True)
 
 
 @pytest.mark.multiproc

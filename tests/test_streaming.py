@@ -93,7 +93,6 @@ def test_repetition_penalty_in_generation(gqa):
     # once the most likely token is in the history, a penalty steers away from it.
     from llama.sampling import Sampler
 
-    gqa.model.reset_buffers(gqa.device, torch.float32)
     logits = gqa.model.forward(torch.tensor(prompts[:1]), 0)[:, -1]
     top = logits.argmax(-1, keepdim=True)
     assert Sampler(0, 0.9)(logits, top).item() == top.item()

@@ -60,7 +60,8 @@ def test_reshard_cli_errors(tmp_path):
                               cwd=REPO, timeout=120)
 
     res = run("--ckpt_dir", str(FIXTURES / "tiny-gqa"), "--shards", "3", "--out", str(tmp_path / "x"))
-    assert res.returncode == 2 and "into 3 equal shards" in res.stderr
+    assert res.returncode == 2 and "cannot be split into 3 shards (whole heads per shard); use one of: 1, 2" in res.stderr
+    assert not (tmp_path / "x").exists()
     res = run("--ckpt_dir", str(FIXTURES / "tiny-gqa"), "--shards", "2", "--out", str(FIXTURES / "tiny-gqa-mp2"))
     assert res.returncode == 2 and "already holds a checkpoint" in res.stderr
     res = run("--ckpt_dir", str(tmp_path / "missing"), "--shards", "2", "--out", str(tmp_path / "y"))

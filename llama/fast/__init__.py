@@ -1,6 +1,6 @@
-"""Fast generation: static cache, fused projections, compiled pieces, CUDA graphs."""
+"""Fast generation: joined projections, kernel layers, a static-shape step, CUDA graphs."""
 
 from llama.fast.decoder import FaithfulDecoder, FastDecoder
-from llama.fast.forward import FastForward, fuse_projections
+from llama.fast.transform import transform
 
-__all__ = ["FaithfulDecoder", "FastDecoder", "FastForward", "fuse_projections"]
+__all__ = ["FaithfulDecoder", "FastDecoder", "transform"]

@@ -15,10 +15,12 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from llama import Llama
 from llama.chat_format import Dialog, encode_dialog
+from llama.cli import MODEL_FLAGS, SAMPLING_FLAGS, Parser, build_kwargs, sampling_kwargs
 from llama.distributed import is_rank_zero, run_main
 
-HELP = "commands: /reset, /system TEXT, /exit"
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 
 
 class ChatSession:
@@ -125,29 +127,17 @@ def run(session: ChatSession) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_dir", required=True)
-    p.add_argument("--tokenizer_path", required=True)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max_seq_len", type=int, default=2048)
-    p.add_argument("--max_gen_len", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--fast", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights while loading")
+    p = Parser(__doc__.split("\n\n")[0], epilog=HELP + "; Ctrl-C stops an answer, Ctrl-D (end of input) quits")
+    p.add(MODEL_FLAGS, ckpt_dir=dict(required=True), tokenizer_path=dict(required=True),
+          max_seq_len=dict(default=2048), max_batch_size=dict(default=1))
+    p.add(SAMPLING_FLAGS, seed=dict(default=1, type=int))
+    p.add(("system",))
     a = p.parse_args(argv)
 
-    from llama import Llama
-
-    llama = Llama.build(a.ckpt_dir, a.tokenizer_path, max_seq_len=a.max_seq_len, max_batch_size=1, seed=a.seed,
-                        dtype=a.dtype, fast=a.fast, quantize=a.quantize)
-    session = ChatSession(llama, a.system, a.max_gen_len, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          repetition_penalty=a.repetition_penalty, stop=a.stop)
+    llama = Llama.build(a.ckpt_dir, a.tokenizer_path, seed=a.seed, **build_kwargs(a))
+    sampling = sampling_kwargs(a)
+    max_gen_len, sampling["seed"] = sampling.pop("max_gen_len"), None
+    session = ChatSession(llama, a.system, max_gen_len, **sampling)
     if sys.stdin.isatty() and is_rank_zero():
         print(f"Chatting with {a.ckpt_dir}. {HELP}; Ctrl-C stops an answer, Ctrl-D quits.")
     run(session)

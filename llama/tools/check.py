@@ -1,13 +1,14 @@
 """Checks a checkpoint folder before you run it.
 
-    python -m llama.tools.check llama-2-13b [--tokenizer_path tokenizer.model] [--no-md5]
+    python -m llama.tools.check --ckpt_dir llama-2-13b [--tokenizer_path tokenizer.model] [--no-md5]
 
-Reports the model it recognises, shards and shapes, missing or truncated files, md5s
-against checklist.chk (and a checklist that is really an HTML page), the world sizes it
-can run on and the memory each process needs. Exits 1 if it found a problem.
+Reports the model it recognises, shards and shapes, missing, truncated or damaged files,
+weights that are not finite numbers, md5s against checklist.chk, the world sizes it can
+run on and the memory each process needs. It checks what `Llama.build` would trip on,
+with the same routine, and only reads regular files inside the folder. Exits 1 if it
+found a problem.
 """
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -16,9 +17,13 @@ from typing import List, Optional
 import torch
 
 from llama import checkpoint as ck
-from llama import hf, quant
-from llama.memory import GiB, kv_cache_bytes, param_count
-from llama.model import ModelArgs
+from llama import files
+from llama.cli import Parser
+from llama.config import ModelArgs, choose_group, kv_cache_bytes, weight_bytes
+from llama.distributed import run_main
+from llama.layout import QUANT_MODES, QuantSpec
+from llama.memory import GiB
+from llama.tokenizer import Tokenizer
 
 # (family, size) by params.json values; Llama 1 and 2 differ at 7B/13B only in norm_eps.
 KNOWN = [
@@ -41,20 +46,36 @@ def recognise(params: dict) -> str:
     return f"unrecognised size (dim {params.get('dim')}, {params.get('n_layers')} layers)"
 
 
-def check_md5(ckpt_dir: Path, problems: List[str]) -> None:
-    checklist = ckpt_dir / "checklist.chk"
+def check_md5(folder: Path, shards: List[Path], problems: List[str]) -> None:
+    """md5 of each file checklist.chk lists, which must all be regular files inside the folder
+    and must include every shard."""
+    checklist = folder / "checklist.chk"
     if not checklist.exists():
         print("checklist.chk: absent (md5 not checked)")
+        return
+    if not files.regular_file(checklist) or files.inside(folder, "checklist.chk") is None:
+        problems.append("checklist.chk is not a regular file of the folder: download it again")
         return
     text = checklist.read_text(errors="replace")
     entries = re.findall(r"^([0-9a-f]{32}) [ *]?(\S+)$", text, flags=re.M)
     if not entries or "<html" in text.lower():
         problems.append("checklist.chk is not an md5 checklist (an HTML page?): download it again")
         return
+    listed = {name for _, name in entries}
+    for path in shards:
+        if path.name not in listed:
+            problems.append(f"{path.name} is not listed in checklist.chk, so it cannot be verified: download "
+                            "checklist.chk again")
     for want, name in entries:
-        path = ckpt_dir / name
+        path = files.inside(folder, name)
+        if path is None:
+            problems.append(f"checklist.chk lists {name!r}, outside the folder: not read; the checklist is damaged")
+            continue
         if not path.exists():
-            problems.append(f"{name}: listed in checklist.chk but missing")
+            problems.append(f"{name}: listed in checklist.chk but missing: download it again")
+            continue
+        if not files.regular_file(path):
+            problems.append(f"{name}: not a regular file (a pipe or device?): not read; replace it with the download")
             continue
         got = ck.md5_file(path)
         print(f"md5 {name}: {'OK' if got == want else 'MISMATCH'}")
@@ -62,104 +83,91 @@ def check_md5(ckpt_dir: Path, problems: List[str]) -> None:
             problems.append(f"{name}: md5 {got} but checklist.chk says {want}: download it again")
 
 
+def check_finite(ckpt: ck.Checkpoint, problems: List[str]) -> None:
+    """Every float weight is finite (NaN or inf give garbage, not an error, once loaded)."""
+    for i, shard in enumerate(ckpt.shards):
+        for key in shard:
+            t = shard[key]
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                where = ckpt.paths[i].name if ckpt.kind == "meta" else "the weights"
+                problems.append(f"{key} in {where} holds NaN or infinite values: the file is damaged; download it "
+                                "again")
+
+
 def memory_table(args: ModelArgs, sizes: List[int]) -> None:
     """GiB per process for each world size: this checkpoint's own quantization, or 16 and 32
     bit and the quantized modes Llama.build(quantize=...) offers."""
     print("memory per process (weights + KV cache for 1 sequence of 4096 tokens):")
-    saved = quant.spec_from_params(args.quantization)
-    rows = [(torch.bfloat16, saved.mode, saved)] if saved else [(torch.bfloat16, "bf16/fp16", None), (torch.float32, "float32", None)]
+    saved = args.quant_spec
+    rows = [(torch.bfloat16, saved.mode, saved)] if saved else [(torch.bfloat16, "bf16/fp16", None),
+                                                                (torch.float32, "float32", None)]
     if not saved:
-        rows += [(torch.bfloat16, f"{mode} (--quantize {mode})", mode) for mode in quant.MODES]
+        rows += [(torch.bfloat16, f"{mode} (--quantize {mode})", mode) for mode in QUANT_MODES]
     for dtype, name, spec in rows:
         cache = kv_cache_bytes(args, dtype, 1, 4096)
         cells = []
         for m in sizes:
-            if spec is None:
-                weights = param_count(args) * torch.empty((), dtype=dtype).element_size() / m
-            else:
-                if isinstance(spec, str):  # quantized while loading: int4 groups fit to m processes
-                    spec_m = quant.Spec(spec, quant.choose_group(args.dim, args.ffn_hidden_dim, world_size=m))
-                else:
-                    spec_m = spec
-                if m not in ck.valid_world_sizes(args, upto=m, spec=spec_m):
-                    continue
-                weights = quant.model_bytes(args, spec_m, dtype, m)
-            cells.append(f"{m} proc: {(weights + cache / m) / GiB:.2f} GiB")
+            spec_m = spec
+            if isinstance(spec, str):  # quantized while loading: int4 groups fit to m processes
+                spec_m = QuantSpec(spec, choose_group(args.dim, args.ffn_hidden_dim, world_size=m))
+            if spec_m is not None and m not in ck.valid_world_sizes(args, upto=m, spec=spec_m):
+                continue
+            cells.append(f"{m} proc: {(weight_bytes(args, dtype, spec_m, m) + cache / m) / GiB:.2f} GiB")
         print(f"  {name}: " + ", ".join(cells))
 
 
 def check(ckpt_dir, tokenizer_path: Optional[str] = None, md5: bool = True) -> List[str]:
     """Prints a report on `ckpt_dir`; returns the problems found (empty: ready to run)."""
-    ckpt_dir = Path(ckpt_dir)
-    if hf.is_hf_dir(ckpt_dir):
-        return check_hf(ckpt_dir)
+    folder = Path(ckpt_dir)
     problems: List[str] = []
-    try:
-        params = ck.load_params(ckpt_dir)
-        paths = ck.shard_paths(ckpt_dir)
-    except ck.CheckpointError as e:
-        return [str(e)]
-    quantized = f", quantized {params['quantization']}" if params.get("quantization") else ""
-    print(f"{ckpt_dir}: {recognise(params)}{quantized}; params.json {params}")
-    shards = []
-    for p in paths:
-        try:
-            shards.append(ck.load_shard(p))
-            print(f"{p.name}: {p.stat().st_size / GiB:.2f} GiB, {len(shards[-1])} tensors")
-        except ck.CheckpointError as e:
-            problems.append(str(e))
     vocab = None
     if tokenizer_path:
-        from llama.tokenizer import Tokenizer
-
         try:
             vocab = Tokenizer(tokenizer_path).n_words
             print(f"tokenizer: {vocab} pieces")
         except (FileNotFoundError, ValueError) as e:
             problems.append(str(e))
-    if shards and len(shards) == len(paths):
-        try:
-            ck.check_shards(paths, shards)
-            vocab = vocab or shards[0]["output.weight"].shape[0] * len(shards)
-            args = ck.model_args(ckpt_dir, vocab_size=vocab)
-            ck.check_against_params(args, shards, ckpt_dir)
-            emb = shards[0]["tok_embeddings.weight"]
-            print(f"shards: {len(shards)}, dtype {str(emb.dtype).replace('torch.', '')}, "
-                  f"tok_embeddings per shard {tuple(emb.shape)}, vocab {vocab}")
-            sizes = ck.valid_world_sizes(args, upto=16)
-            print(f"runs with --nproc_per_node (any of): {', '.join(map(str, sizes))}")
-            memory_table(args, [m for m in sizes if m <= 8])
-        except ck.CheckpointError as e:
-            problems.append(str(e))
-    if md5:
-        check_md5(ckpt_dir, problems)
-    return problems
-
-
-def check_hf(ckpt_dir: Path) -> List[str]:
-    """The report for a Hugging Face Llama folder."""
     try:
-        args = ck.model_args(ckpt_dir)
-        paths, shards = ck.open_checkpoint(ckpt_dir, args, 1)
+        ckpt = ck.open_checkpoint(folder, vocab_size=vocab)
     except ck.CheckpointError as e:
-        return [str(e)]
-    files = sorted({p.name for p in shards[0].files.values()})
-    print(f"{ckpt_dir}: Hugging Face LlamaForCausalLM, dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
-          f"({args.kv_heads} kv), FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}, rope_theta {args.rope_theta}")
-    print(f"weights: {len(files)} file(s): {', '.join(files[:4])}{' ...' if len(files) > 4 else ''}")
+        problems.insert(0, str(e))
+        if md5 and folder.is_dir() and not (folder / "config.json").exists():
+            check_md5(folder, sorted(p for p in folder.glob("*.pth")), problems)
+        return problems
+    args = ckpt.args
+    if ckpt.kind == "hf":
+        names = sorted({p.name for p in ckpt.shards[0].files.values()})
+        print(f"{folder}: Hugging Face LlamaForCausalLM, dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
+              f"({args.kv_heads} kv), FFN {args.ffn_hidden_dim}, vocab {args.vocab_size}, rope_theta {args.rope_theta}")
+        print(f"weights: {len(names)} file(s): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    else:
+        quantized = f", quantized {ckpt.params['quantization']}" if ckpt.spec else ""
+        print(f"{folder}: {recognise(ckpt.params)}{quantized}; params.json {ckpt.params}")
+        for p, shard in zip(ckpt.paths, ckpt.shards):
+            print(f"{p.name}: {p.stat().st_size / GiB:.2f} GiB, {len(shard)} tensors")
+        emb = ckpt.shards[0]["tok_embeddings.weight"]
+        print(f"shards: {len(ckpt.shards)}, dtype {str(emb.dtype).replace('torch.', '')}, "
+              f"tok_embeddings per shard {tuple(emb.shape)}, vocab {args.vocab_size}")
+    check_finite(ckpt, problems)
     sizes = ck.valid_world_sizes(args, upto=16)
     print(f"runs with --nproc_per_node (any of): {', '.join(map(str, sizes))}")
     memory_table(args, [m for m in sizes if m <= 8])
-    return []
+    if md5 and ckpt.kind == "meta":
+        check_md5(folder, ckpt.paths, problems)
+    return problems
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt_dir")
-    p.add_argument("--tokenizer_path", default=None)
+def main(argv: Optional[List[str]] = None) -> int:
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add_argument("folder", nargs="?", default=None, help="the checkpoint folder (or give --ckpt_dir)")
+    p.add_argument("--ckpt_dir", default=None, help="the checkpoint folder")
+    p.add_argument("--tokenizer_path", default=None, help="also check this tokenizer.model against the weights")
     p.add_argument("--no-md5", dest="md5", action="store_false", help="skip the md5 check (slow for big models)")
     a = p.parse_args(argv)
-    problems = check(a.ckpt_dir, a.tokenizer_path, a.md5)
+    folder = a.ckpt_dir or a.folder
+    if folder is None or (a.ckpt_dir and a.folder and a.ckpt_dir != a.folder):
+        p.error("give the checkpoint folder once: --ckpt_dir FOLDER (or FOLDER alone)")
+    problems = check(folder, a.tokenizer_path, a.md5)
     if problems:
         print("\nPROBLEMS:", file=sys.stderr)
         for prob in problems:
@@ -170,4 +178,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

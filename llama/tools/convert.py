@@ -5,18 +5,19 @@
 
 Hugging Face output: config.json (LlamaForCausalLM), safetensors (sharded with an index
 above --max_shard_gb), and the tokenizer files. Meta output: consolidated.NN.pth,
-params.json, checklist.chk and tokenizer.model. Tensors are converted one output file at
-a time; a round trip gives back the same bits.
+params.json (only the keys Meta's own code reads), checklist.chk and tokenizer.model.
+Either goes into a new or empty folder. Tensors are converted one output file at a time;
+a round trip gives back the same bits (and the same params.json).
 """
 
-import argparse
 import json
-import shutil
-import sys
 from pathlib import Path
+from typing import List, Optional
 
 from llama import checkpoint as ck
-from llama import hf
+from llama import files, hf
+from llama.cli import Parser
+from llama.distributed import run_main
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
@@ -29,20 +30,24 @@ TOKENIZER_CONFIG = {
 }
 
 
-def meta_to_hf(ckpt_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 << 30) -> None:
-    from safetensors.torch import save_file
+def _save_file():
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ck.CheckpointError("writing Hugging Face files needs safetensors: pip install safetensors "
+                                 "(or pip install -e '.[hf]')") from None
+    return save_file
 
-    out = Path(out_dir)
-    if out.exists() and any(out.glob("*.safetensors")):
-        raise ck.CheckpointError(f"{str(out)!r} already holds a checkpoint; choose an empty folder")
-    params = ck.load_params(ckpt_dir)
-    if params.get("quantization"):
-        raise ck.CheckpointError(f"{str(ckpt_dir)!r} is quantized ({params['quantization']}); convert the "
+
+def meta_to_hf(ckpt_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 << 30) -> None:
+    save_file = _save_file()
+    src = ck.open_checkpoint(ckpt_dir)
+    if src.kind != "meta":
+        raise ck.CheckpointError(f"{str(ckpt_dir)!r} is already in Hugging Face format")
+    if src.spec is not None:
+        raise ck.CheckpointError(f"{str(ckpt_dir)!r} is quantized ({src.params['quantization']}); convert the "
                                  "original bf16 checkpoint (Hugging Face's format here holds float weights)")
-    paths = ck.shard_paths(ckpt_dir)
-    shards = [ck.load_shard(p) for p in paths]
-    ck.check_shards(paths, shards)
-    vocab = ck.tensor_shape(shards[0], "output.weight")[0] * len(shards)
+    shards = src.shards
     keys = [k for k in shards[0] if k not in ck.UNUSED_KEYS]
 
     def nbytes(k):  # the whole tensor's size, from the shards' shapes
@@ -58,59 +63,54 @@ def meta_to_hf(ckpt_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 
             size = 0
         groups[-1].append(k)
         size += n
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, dtype = {}, None
-    for i, group in enumerate(groups):
-        name = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = hf.to_hf_state({k: ck.rank_tensor(k, shards, 0, 1) for k in group}, params)
-        dtype = next(iter(tensors.values())).dtype
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-        del tensors
-    if len(groups) > 1:
-        total = sum(nbytes(k) for k in keys)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / hf.CONFIG).write_text(json.dumps(hf.hf_config(params, vocab, dtype), indent=2))
-    if tokenizer_path:
-        shutil.copy(tokenizer_path, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+    out, created = files.prepare_output(out_dir, [ckpt_dir])
+    with files.output_transaction(out, created):
+        weight_map, dtype = {}, None
+        for i, group in enumerate(groups):
+            name = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            tensors = hf.to_hf_state({k: ck.rank_tensor(k, shards, 0, 1) for k in group}, src.params)
+            dtype = next(iter(tensors.values())).dtype
+            files.write_atomic(out / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+                               needed=sum(t.nbytes for t in tensors.values()))
+            weight_map.update({k: name for k in tensors})
+            del tensors
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": sum(nbytes(k) for k in keys)}, "weight_map": weight_map}
+            files.write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+        files.write_text(out / hf.CONFIG, json.dumps(hf.hf_config(src.params, src.args.vocab_size, dtype), indent=2))
+        if tokenizer_path:
+            files.copy_file(tokenizer_path, out / "tokenizer.model")
+            files.write_text(out / "tokenizer_config.json", json.dumps(TOKENIZER_CONFIG, indent=2))
 
 
 def hf_to_meta(ckpt_dir, out_dir, shards: int = 1) -> None:
-    config = hf.read_config(ckpt_dir)
-    state = hf.HFState(ckpt_dir, config)
-    params = hf.meta_params(hf.params_from_config(config))
-    ck.save_checkpoint((ck.shard_for_rank([state], r, shards) for r in range(shards)), params, out_dir)
+    src = ck.open_checkpoint(ckpt_dir)
+    if src.kind != "hf":
+        raise ck.CheckpointError(f"{str(ckpt_dir)!r} is not a Hugging Face Llama folder (no config.json)")
+    params = hf.meta_params_of(hf.read_config(ckpt_dir))
+    ck.check_split(src.args, shards, into=f"into {shards} shards (whole heads per shard)", fix="use --shards in")
     tokenizer = Path(ckpt_dir) / "tokenizer.model"
-    if tokenizer.is_file():
-        shutil.copy(tokenizer, Path(out_dir) / "tokenizer.model")
+    extra = [(tokenizer, "tokenizer.model")] if tokenizer.is_file() else []
+    ck.save_checkpoint((ck.shard_for_rank(src.shards, r, shards) for r in range(shards)), params, out_dir,
+                       inputs=[ckpt_dir], extra_files=extra)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--to", required=True, choices=["hf", "meta"])
-    p.add_argument("--ckpt_dir", required=True)
-    p.add_argument("--out", required=True)
+def main(argv: Optional[List[str]] = None) -> int:
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add_argument("--to", required=True, choices=["hf", "meta"], help="the format to write")
+    p.add_argument("--ckpt_dir", required=True, help="the checkpoint to convert")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
     p.add_argument("--tokenizer_path", default=None, help="--to hf: the tokenizer.model to ship with the model")
     p.add_argument("--shards", type=int, default=1, help="--to meta: model-parallel shards to write")
     p.add_argument("--max_shard_gb", type=float, default=5.0, help="--to hf: largest safetensors file")
     a = p.parse_args(argv)
-    try:
-        if a.to == "hf":
-            if hf.is_hf_dir(a.ckpt_dir):
-                raise ck.CheckpointError(f"{a.ckpt_dir!r} is already in Hugging Face format")
-            meta_to_hf(a.ckpt_dir, a.out, a.tokenizer_path, int(a.max_shard_gb * (1 << 30)))
-        else:
-            if not hf.is_hf_dir(a.ckpt_dir):
-                raise ck.CheckpointError(f"{a.ckpt_dir!r} is not a Hugging Face Llama folder (no config.json)")
-            hf_to_meta(a.ckpt_dir, a.out, a.shards)
-    except ck.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.to == "hf":
+        meta_to_hf(a.ckpt_dir, a.out, a.tokenizer_path, int(a.max_shard_gb * (1 << 30)))
+    else:
+        hf_to_meta(a.ckpt_dir, a.out, a.shards)
     print(f"wrote {a.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

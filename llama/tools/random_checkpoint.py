@@ -13,8 +13,11 @@ from typing import Optional
 
 import torch
 
-from llama.checkpoint import expected_shapes, save_checkpoint, shard_for_rank
-from llama.model import ModelArgs, precompute_freqs_cis
+from llama.checkpoint import save_checkpoint, shard_for_rank
+from llama.cli import Parser
+from llama.config import ModelArgs, expected_shapes
+from llama.distributed import run_main
+from llama.model import precompute_freqs_cis
 
 
 def random_tensor(key: str, shape, gen: torch.Generator, dtype: torch.dtype, device="cpu") -> torch.Tensor:
@@ -48,20 +51,20 @@ def write_random_checkpoint(out_dir, params: dict, vocab_size: int = 32000, shar
 
 
 def main(argv: Optional[list] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--n_layers", type=int, default=2)
-    p.add_argument("--n_heads", type=int, default=4)
-    p.add_argument("--n_kv_heads", type=int, default=None)
-    p.add_argument("--multiple_of", type=int, default=32)
-    p.add_argument("--ffn_dim_multiplier", type=float, default=None)
-    p.add_argument("--norm_eps", type=float, default=1e-5)
-    p.add_argument("--rope_theta", type=float, default=None, help="written only when given (Code Llama style)")
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="the folder to write (new or empty)")
+    p.add_argument("--dim", type=int, default=64, help="model width")
+    p.add_argument("--n_layers", type=int, default=2, help="transformer blocks")
+    p.add_argument("--n_heads", type=int, default=4, help="attention heads")
+    p.add_argument("--n_kv_heads", type=int, default=None, help="key/value heads (default: n_heads)")
+    p.add_argument("--multiple_of", type=int, default=32, help="the feed-forward size is rounded up to a multiple of this")
+    p.add_argument("--ffn_dim_multiplier", type=float, default=None, help="scales the feed-forward size (70B: 1.3)")
+    p.add_argument("--norm_eps", type=float, default=1e-5, help="RMSNorm epsilon")
+    p.add_argument("--rope_theta", type=float, default=None, help="RoPE base, written only when given (Code Llama style)")
     p.add_argument("--vocab_size", type=int, default=32000, help="rows of the embedding (params.json keeps -1)")
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--shards", type=int, default=1, help="model-parallel shards to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights dtype")
     p.add_argument("--device", default="cpu", help="where to make the random numbers (cuda: faster for big models)")
     a = p.parse_args(argv)
     params = {"dim": a.dim, "multiple_of": a.multiple_of, "n_heads": a.n_heads, "n_layers": a.n_layers,
@@ -77,4 +80,4 @@ def main(argv: Optional[list] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

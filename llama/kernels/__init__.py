@@ -1,0 +1,126 @@
+"""The fast path's products and attention, chosen per device and shape in this one place.
+
+Each function here has a pure-torch definition in `llama.kernels.reference`, which runs
+where no kernel applies and which the kernels are tested against. On CUDA with Triton,
+small products (decode steps) and the decode attention run in this package's Triton
+kernels (`triton_kernels`); large products go to cuBLAS.
+
+Why hand-written kernels rather than torch.compile: compiling the decode step costs
+10-25 s in every fresh process (3 s and more even with warm caches), which is longer
+than a whole example run; these kernels are compiled once per machine by Triton, cached
+on disk (`llama.cache`), and each decode step is replayed as one CUDA graph.
+"""
+
+import importlib.util
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama import cache
+from llama.kernels import reference
+
+_AVAILABLE = None
+
+
+def available() -> bool:
+    """True where the Triton kernels run: CUDA and Triton present. Asked lazily (querying CUDA at
+    import would get in the way of processes forked later)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return _AVAILABLE
+
+
+def _triton():
+    """The Triton kernels module, imported on first use (with Triton's cache in ours)."""
+    global _TRITON
+    if _TRITON is None:
+        cache.use_for_triton()
+        _TRITON = importlib.import_module("llama.kernels.triton_kernels")
+    return _TRITON
+
+
+_TRITON = None
+
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16)
+GEMV_ROWS = 1  # 16-bit weights: rows of x the GEMV kernel takes; more go to cuBLAS
+QUANT_GEMV_ROWS = 1  # quantized weights: up to this many rows, the GEMV; then the tensor-core kernel
+QUANT_DEQUANT_ROWS = 256  # from this many rows, dequantize to 16 bit and use cuBLAS
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """x @ w.T for x (..., K) and a 16-bit or float32 weight (N, K); `gated`: w is [w1; w3] and the
+    result silu(x @ w1.T) * (x @ w3.T) (..., N // 2)."""
+    if (x.is_cuda and x.dtype in FLOAT_DTYPES and w.dtype == x.dtype and _rows(x) <= GEMV_ROWS and w.is_contiguous()
+            and available()):
+        y = _triton().gemv(x.reshape(-1, x.shape[-1]), w, None, None, "float", gated)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = F.linear(x, w)
+    return silu_mul(y) if gated else y
+
+
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of y = [gate | up]."""
+    if y.is_cuda and y.dtype in FLOAT_DTYPES and available() and y.is_contiguous():
+        return _triton().silu_mul(y)
+    return reference.silu_mul(y)
+
+
+def quantized_linear(x: torch.Tensor, mode: str, weight: torch.Tensor, scale: torch.Tensor,
+                     zeros: Optional[torch.Tensor], group: int, gated: bool = False) -> Optional[torch.Tensor]:
+    """x @ W.T for a weight in its stored quantized form (`llama.layout.stored_form`) where a
+    CUDA kernel applies (16-bit x): the GEMV for a row, a tensor-core kernel for a few, the
+    weight dequantized to 16 bit and cuBLAS for many. None where none applies."""
+    k = x.shape[-1]
+    if not (x.is_cuda and x.dtype in FLOAT_DTYPES and k % 8 == 0 and (mode == "int8" or k % group == 0)
+            and weight.is_contiguous() and available()):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    t = _triton()
+    if rows <= QUANT_GEMV_ROWS:
+        y = t.gemv(x2, weight, scale, zeros, mode, gated, group)
+    elif rows < QUANT_DEQUANT_ROWS:
+        y = t.qmm(x2, weight, scale, zeros, mode, group)
+        y = silu_mul(y) if gated else y
+    else:
+        y = t.chunked_dequant_mm(x2, weight, scale, zeros, mode, group)
+        y = silu_mul(y) if gated else y
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda and x.dtype in FLOAT_DTYPES and available() and x.is_contiguous() and weight.dtype == x.dtype:
+        return _triton().rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rope_and_store(xq, xk, xv, rope, positions, kv, rows: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k at `positions`, k and v written into the cache; see `reference.rope_and_store`."""
+    if xq.is_cuda and xq.dtype in FLOAT_DTYPES and kv.dtype == xq.dtype and _pow2(xq.shape[-1]) and available():
+        return _triton().rope_and_store(xq, xk, xv, rope, positions, kv, rows)
+    return reference.rope_and_store(xq, xk, xv, rope, positions, kv, rows)
+
+
+def causal_attention(xq, xk, xv, n_rep: int) -> torch.Tensor:
+    """Causal attention among new tokens from position 0 (SDPA: flash attention on CUDA)."""
+    return reference.causal_attention(xq, xk, xv, n_rep)
+
+
+def cache_attention(xq, kv, rows: Optional[torch.Tensor], positions, kv_len: int, n_rep: int) -> torch.Tensor:
+    """Attention over the cache up to each token's position. One token a row on CUDA: a Triton
+    kernel that reads only positions up to the row's own (so kv_len does not matter there)."""
+    if (xq.is_cuda and xq.shape[1] == 1 and xq.dtype in FLOAT_DTYPES and kv.dtype == xq.dtype and _pow2(xq.shape[-1])
+            and available()):
+        return _triton().decode_attention(xq, kv, rows, positions)
+    return reference.cache_attention(xq, kv, rows, positions, kv_len, n_rep)

@@ -1,0 +1,51 @@
+"""Launch configurations of the Triton kernels: defaults that suit Hopper-class GPUs at
+Llama's shapes, replaced by the ones `benchmarks/tune_kernels.py` measured on this GPU
+when the start-up cache (`llama.cache`) holds them. Nothing is benchmarked while a
+model runs, so a first run starts as fast as a later one.
+"""
+
+import functools
+from typing import Dict
+
+from llama import cache
+
+# (fmt, gated) -> config for the one-row GEMV
+GEMV_DEFAULTS = {
+    "float": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
+    "int8": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    "int4": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+}
+QMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned() -> Dict[str, dict]:
+    """The configurations measured on this GPU, from the cache folder (empty if none)."""
+    return cache.load_json("kernel-configs", device_bound=True) or {}
+
+
+def gemv_config(fmt: str, n: int, k: int, gated: bool, group: int) -> dict:
+    cfg = _tuned().get(f"gemv/{fmt}/{n}x{k}/{int(gated)}") or dict(GEMV_DEFAULTS[fmt])
+    block_k = cfg["BLOCK_K"]
+    while block_k > 16 and (k < block_k // 2):  # small test widths: no wider than needed
+        block_k //= 2
+    if fmt == "int4":
+        block_k = max(block_k, group)
+    return dict(cfg, BLOCK_K=block_k)
+
+
+def qmm_config(fmt: str, m: int, n: int, k: int, group: int) -> dict:
+    cfg = dict(_tuned().get(f"qmm/{fmt}/{n}x{k}") or QMM_DEFAULT)
+    cfg["BLOCK_M"] = 16 if m <= 16 else 32 if m <= 32 else 64
+    if fmt == "int4":
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group)
+    return cfg
+
+
+def attention_config(bs: int, kv_heads: int, max_len: int) -> dict:
+    """Splits of the cache per (row, kv head), so that the programs fill the GPU."""
+    block_s = 64
+    splits = 1
+    while bs * kv_heads * splits < 256 and splits * block_s * 2 <= max_len:
+        splits *= 2
+    return {"splits": splits, "BLOCK_S": block_s}
