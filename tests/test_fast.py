@@ -149,7 +149,7 @@ def test_cuda_graph_decode_matches_faithful_float32(gpu_pair):
         for x, y in zip(want, got):
             assert x["tokens"] == y["tokens"]
             torch.testing.assert_close(x["logprobs"], y["logprobs"], rtol=0, atol=2e-3)  # TF32/flash rounding
-    assert set(fast.decoder.graphs) == {1, 4}
+    assert set(fast.decoder.graphs) == {1, 2, 4}  # recorded at build, a graph per batch-size bucket
 
 
 def greedy_agreement(decoder_a, decoder_b, tokens: torch.Tensor, prompt_len: int) -> float:

@@ -182,8 +182,10 @@ def test_quantized_model_parallel_matches_one_process(ckpts, tmp_path, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,rows", [("int8", 1), ("int8", 3), ("int8", 8), ("int8", 12), ("int4", 1), ("int4", 5)])
+@pytest.mark.parametrize("mode,rows", [("int8", 1), ("int8", 3), ("int8", 8), ("int8", 300), ("int4", 1), ("int4", 5),
+                                       ("int4", 300)])
 def test_cuda_kernels_compute_the_dequantized_product(mode, rows):
+    """The layer's product on CUDA (GEMV, tensor-core kernel or dequantized cuBLAS, by rows)."""
     torch.manual_seed(0)
     n, k = 96, 512
     spec = quant.Spec(mode, 64)
@@ -193,21 +195,6 @@ def test_cuda_kernels_compute_the_dequantized_product(mode, rows):
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     want = x.float() @ layer.dequantized().t()
     layer.prepare(torch.bfloat16)
-    assert layer.kernel == {"int8": "int8triton", "int4": "tinygemm"}[mode]
+    assert layer.kernel == "triton"
     got = layer(x).float()
     torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0.02)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_cuda_quantized_fast_path_agrees_with_faithful(ckpts, build, mode):
-    """CUDA graphs + torch.compile around the quantized kernels, against the same quantized
-    model's faithful forward (bf16, so agreement rather than equality)."""
-    from llama.fast import FaithfulDecoder
-    from llama.fast.agreement import greedy_agreement
-
-    llama = build(ckpts["gqa1"], max_seq_len=128, device="cuda", dtype="bfloat16", quantize=mode, group_size=32)
-    assert isinstance(llama.model.output, quant.QuantLinear)
-    tokens = torch.randint(0, 32000, (2, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    agree = greedy_agreement(FaithfulDecoder(llama.model), llama.decoder, tokens, 16)
-    assert agree >= 0.9, agree

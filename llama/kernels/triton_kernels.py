@@ -26,8 +26,8 @@ import triton.language as tl
 from llama.kernels import tuning
 
 # float32 bit patterns: 2^23 + u for 0 <= u < 2^23
-MAGIC = 0x4B000000
-MAGIC_F = 8388608.0
+MAGIC = tl.constexpr(0x4B000000)
+MAGIC_F = tl.constexpr(8388608.0)
 
 
 @triton.jit
