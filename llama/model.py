@@ -98,6 +98,14 @@ class KVCache(nn.Module):
         return self.kv.shape[2]
 
 
+def add_projection(linear: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """residual + linear(x) (the fast path's layers add it in the same kernel, `fuses_residual`)."""
+    if residual is not None and getattr(linear, "fuses_residual", False):
+        return linear(x, residual=residual)
+    y = linear(x)
+    return y if residual is None else residual + y
+
+
 def reference_attention(xq, keys, values, mask, n_rep: int) -> torch.Tensor:
     """The reference's attention: (bs, seqlen, heads, head_dim) q over (bs, len, kv_heads,
     head_dim) keys and values, with an additive mask; returns (bs, seqlen, heads, head_dim)."""
@@ -167,11 +175,12 @@ class Attention(nn.Module):
                 xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim),
                 xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim))
 
-    def forward(self, x: torch.Tensor, step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention output (+ `residual`, when given)."""
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.qkv(x)
         output = step.attend(self.cache, xq, xk, xv, self.n_rep)
-        return self.wo(output.reshape(bsz, seqlen, -1))
+        return add_projection(self.wo, output.reshape(bsz, seqlen, -1), residual)
 
 
 class FeedForward(nn.Module):
@@ -185,10 +194,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w13: Optional[nn.Module] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            return self.w2(self.w13(x))
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The feed-forward output (+ `residual`, when given)."""
+        hidden = self.w13(x) if self.w13 is not None else F.silu(self.w1(x)) * self.w3(x)
+        return add_projection(self.w2, hidden, residual)
 
 
 class TransformerBlock(nn.Module):
@@ -201,8 +210,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, step) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention(self.attention_norm(x), step, residual=x)  # x + attention
+        return self.feed_forward(self.ffn_norm(h), residual=h)  # h + feed-forward
 
 
 class Transformer(nn.Module):

@@ -120,6 +120,8 @@ class QuantLinear(nn.Module):
     feed-forward projection.
     """
 
+    fuses_residual = True  # (see llama.model.add_projection)
+
     def __init__(self, in_features: int, out_features: int, spec: Spec, gated: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.gated = in_features, out_features, spec, gated
@@ -180,16 +182,21 @@ class QuantLinear(nn.Module):
                                                      self.scales_and_zeros.to(x.dtype))
         return F.linear(x, self.dequantized().to(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:
+        """x @ W.T; `norm` (weight, eps): x RMSNorm'ed first; `residual`: added to the result."""
         if self.kernel == "triton":
             zeros = self.weight_zeros if self.spec.mode == "int4" else None
             scale = self.weight_scale if self.spec.mode == "int8" else self.weight_scales
-            y = kernels.quantized_linear(x, self.spec.mode, self.weight, scale, zeros, self.spec.group, self.gated)
+            y = kernels.quantized_linear(x, self.spec.mode, self.weight, scale, zeros, self.spec.group, self.gated,
+                                         norm, residual)
             if y is not None:
                 return y
+        if norm is not None:
+            x = kernels.rms_norm(x, *norm)
         shape = x.shape
         y = self._product(x.reshape(-1, shape[-1])).reshape(*shape[:-1], self.out_features)
-        return silu_mul(y) if self.gated else y
+        y = silu_mul(y) if self.gated else y
+        return y if residual is None else residual + y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec}, "

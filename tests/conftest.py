@@ -19,6 +19,8 @@ REPO = Path(__file__).parent.parent
 GQA = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
 MHA = {"dim": 32, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
 WIDE = {"dim": 64, "multiple_of": 32, "n_heads": 8, "n_kv_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
+# Llama's head size (128), so the CUDA kernels for RoPE and attention run (GQA, 2 q heads a kv head)
+HD128 = {"dim": 256, "multiple_of": 64, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": -1}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,6 +54,8 @@ def ckpts(tmp_path_factory):
     for shards in (1, 2, 4):
         out[f"wide{shards}"] = str(root / f"wide-mp{shards}")
         write_random_checkpoint(out[f"wide{shards}"], WIDE, shards=shards, seed=3)
+    out["hd128"] = str(root / "hd128")
+    write_random_checkpoint(out["hd128"], HD128, seed=4)
     return out
 
 

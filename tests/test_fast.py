@@ -31,9 +31,12 @@ def test_transform_joins_the_projections(pair):
     a, b = faithful.model.layers[0], fast.model.layers[0]
     assert a.attention.wqkv is None and b.attention.wq is None and b.feed_forward.w1 is None
     want = torch.cat([a.attention.wq.weight, a.attention.wk.weight, a.attention.wv.weight])
-    assert torch.equal(b.attention.wqkv.weight, want)
-    assert torch.equal(b.feed_forward.w13.weight, torch.cat([a.feed_forward.w1.weight, a.feed_forward.w3.weight]))
-    assert b.feed_forward.w13.gated and "layers.0.attention.wqkv.weight" in fast.model.state_dict()
+    assert torch.equal(b.attention.wqkv.linear.weight, want)
+    w13 = b.feed_forward.w13.linear
+    assert torch.equal(w13.weight, torch.cat([a.feed_forward.w1.weight, a.feed_forward.w3.weight])) and w13.gated
+    assert isinstance(b.attention_norm, torch.nn.Identity)  # the norm runs inside the projection after it
+    assert torch.equal(b.attention.wqkv.norm.weight, a.attention_norm.weight)
+    assert "layers.0.attention.wqkv.linear.weight" in fast.model.state_dict()
     with pytest.raises(RuntimeError, match="transformed for the fast path already"):
         from llama.fast import transform
 
@@ -165,12 +168,13 @@ def greedy_agreement(decoder_a, decoder_b, tokens: torch.Tensor, prompt_len: int
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ckpt", ["wide1", "hd128"])
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
-def test_cuda_kernels_bf16_agreement(ckpts, quantize):
-    """bf16 with the Triton kernels (GEMV, RoPE and cache, decode attention) against the faithful
-    path on the same (quantized) weights."""
+def test_cuda_kernels_bf16_agreement(ckpts, quantize, ckpt):
+    """bf16 with the Triton kernels (GEMV with norm and residual, RoPE and cache, decode attention
+    at head size 128) against the faithful path on the same (quantized) weights, 1 and 4 rows."""
     def make(fast):
-        return Llama.build(ckpts["wide1"], TOKENIZER, max_seq_len=300, max_batch_size=4, device="cuda",
+        return Llama.build(ckpts[ckpt], TOKENIZER, max_seq_len=300, max_batch_size=4, device="cuda",
                            dtype="bfloat16", fast=fast, quantize=quantize, group_size=32)
 
     faithful, fast = make(False), make(True)

@@ -1,8 +1,7 @@
 """The Triton kernels against their pure-torch definitions (`llama.kernels.reference`).
 
 On a CUDA machine they run on the GPU in bf16; elsewhere, where Triton is installed, in
-Triton's interpreter on the CPU in fp16 (its bf16 products are not exact), with
-contiguous inputs (it copies strided views apart).
+Triton's interpreter on the CPU in fp16 (its bf16 products are not exact).
 """
 
 import importlib.util
@@ -43,18 +42,29 @@ def weights(n, k):
     return torch.randn(n, k, device=DEVICE) * 0.05
 
 
-@pytest.mark.parametrize("n,k", [(48, 256), (96, 1024), (4096, 4096)] if CUDA else [(48, 256), (64, 1024)])
+@pytest.mark.parametrize("n,k", [(48, 256), (96, 1000), (4096, 4096)] if CUDA else [(48, 256), (64, 1024), (40, 264)])
 @pytest.mark.parametrize("gated", [False, True])
-def test_gemv_float_int8_int4(T, n, k, gated):
+@pytest.mark.parametrize("fused", [None, "norm", "norm+residual"])
+def test_gemv_float_int8_int4(T, n, k, gated, fused):
     w = weights(n, k)
     x = torch.randn(1, k, device=DEVICE, dtype=DTYPE)
-    post = R.silu_mul if gated else (lambda y: y)
-    close(T.gemv(x, w.to(DTYPE), None, None, "float", gated), post(x.float() @ w.to(DTYPE).float().t()))
+    g = (1 + 0.1 * torch.randn(k, device=DEVICE)).to(DTYPE)
+    out = n // 2 if gated else n
+    r = torch.randn(1, out, device=DEVICE, dtype=DTYPE) if fused == "norm+residual" else None
+    norm = (g, 1e-5) if fused else None
+    xr = R.rms_norm(x, g, 1e-5).float() if fused else x.float()
+
+    def want(wf):
+        y = xr @ wf.t()
+        y = R.silu_mul(y) if gated else y
+        return y if r is None else y + r.float()
+
+    close(T.gemv(x, w.to(DTYPE), None, None, "float", gated, norm=norm, residual=r), want(w.to(DTYPE).float()))
     q, s = quant.quantize_int8(w)
-    close(T.gemv(x, q, s, None, "int8", gated), post(x.float() @ R.dequantize_int8(q, s).t()))
-    for group in (32, 128):
+    close(T.gemv(x, q, s, None, "int8", gated, norm=norm, residual=r), want(R.dequantize_int8(q, s)))
+    for group in (32, 128) if k % 128 == 0 else (8,):
         p, sc, z = quant.quantize_int4(w, group)
-        close(T.gemv(x, p, sc, z, "int4", gated, group), post(x.float() @ R.dequantize_int4(p, sc, z).t()))
+        close(T.gemv(x, p, sc, z, "int4", gated, group, norm=norm, residual=r), want(R.dequantize_int4(p, sc, z)))
 
 
 @pytest.mark.parametrize("rows", [2, 5, 17, 64])
@@ -88,7 +98,7 @@ def test_rope_cache_write_and_decode_attention(T, with_rows, heads, kv_heads):
     rope = rope_table(d, 2 * max_len).to(DEVICE)
     proj = torch.randn(bs, 1, (heads + 2 * kv_heads) * d, device=DEVICE, dtype=DTYPE)
     xq, xk, xv = proj.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)  # views of one projection, as in the model
-    xq, xk, xv = (t.reshape(bs, 1, -1, d) if CUDA else t.reshape(bs, 1, -1, d).contiguous() for t in (xq, xk, xv))
+    xq, xk, xv = (t.view(bs, 1, -1, d) for t in (xq, xk, xv))  # views, as the model makes them
     rows = torch.tensor([2, 0, 3], device=DEVICE) if with_rows else None
     positions = torch.tensor([[5], [70], [199]], device=DEVICE)
     kv = torch.randn(2, 4, max_len, kv_heads, d, device=DEVICE, dtype=DTYPE)

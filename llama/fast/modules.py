@@ -11,7 +11,9 @@ from llama.model import RMSNorm
 
 class Linear(nn.Module):
     """y = x @ weight.T (no bias) through `kernels.linear`; `gated`: weight is [w1; w3] and
-    y = silu(x @ w1.T) * (x @ w3.T)."""
+    y = silu(x @ w1.T) * (x @ w3.T). Takes `norm` and `residual` as the kernels do."""
+
+    fuses_residual = True
 
     def __init__(self, weight: torch.Tensor, gated: bool = False):
         super().__init__()
@@ -23,8 +25,8 @@ class Linear(nn.Module):
         """One layer computing the outputs of `parts` (linear layers) side by side."""
         return cls(torch.cat([p.weight.detach() for p in parts], dim=0), gated)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.gated)
+    def forward(self, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.gated, norm, residual)
 
     def extra_repr(self) -> str:
         out, k = self.weight.shape
@@ -43,3 +45,14 @@ class Norm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class NormLinear(nn.Module):
+    """linear(RMSNorm(x)): the norm before a projection, done by the projection's kernel."""
+
+    def __init__(self, norm: RMSNorm, linear: nn.Module):
+        super().__init__()
+        self.norm, self.linear = norm, linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, norm=(self.norm.weight, self.norm.eps))

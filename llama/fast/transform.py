@@ -1,8 +1,8 @@
 """The fast path as a transform of the loaded model: joined projections, kernel layers.
 
 wq/wk/wv become one projection `wqkv`, w1/w3 one gated projection `w13` (silu(w1 x) * w3 x
-in one product), every other linear layer and norm its `llama.fast.modules` twin over the
-same weights. Float or quantized, split over ranks or not: parallel wrappers stay around
+in one product), each taking the RMSNorm before it into its own kernel; every other linear
+layer and the final norm become their `llama.fast.modules` twins over the same weights. Float or quantized, split over ranks or not: parallel wrappers stay around
 the new local layers. Run it once, after loading and before `quant.prepare`.
 """
 
@@ -11,7 +11,7 @@ from typing import List
 from torch import nn
 
 from llama import parallel
-from llama.fast.modules import Linear, Norm
+from llama.fast.modules import Linear, Norm, NormLinear
 from llama.model import Transformer
 from llama.quant import QuantLinear
 
@@ -31,13 +31,14 @@ def transform(model: Transformer) -> Transformer:
         attn, ffn = layer.attention, layer.feed_forward
         if attn.wqkv is not None:
             raise RuntimeError("this model has been transformed for the fast path already")
-        attn.wqkv = parallel.join([attn.wq, attn.wk, attn.wv], lambda parts: _cat(parts, gated=False))
-        attn.wq = attn.wk = attn.wv = None
-        ffn.w13 = parallel.join([ffn.w1, ffn.w3], lambda parts: _cat(parts, gated=True))
-        ffn.w1 = ffn.w3 = None
+        # each norm moves into the projection after it (one kernel for both)
+        attn.wqkv = parallel.join([attn.wq, attn.wk, attn.wv],
+                                  lambda parts: NormLinear(layer.attention_norm, _cat(parts, gated=False)))
+        ffn.w13 = parallel.join([ffn.w1, ffn.w3], lambda parts: NormLinear(layer.ffn_norm, _cat(parts, gated=True)))
+        attn.wq = attn.wk = attn.wv = ffn.w1 = ffn.w3 = None
+        layer.attention_norm = layer.ffn_norm = nn.Identity()
         attn.wo = parallel.map_local(attn.wo, _kernel_layer)
         ffn.w2 = parallel.map_local(ffn.w2, _kernel_layer)
-        layer.attention_norm, layer.ffn_norm = Norm.like(layer.attention_norm), Norm.like(layer.ffn_norm)
     model.output = parallel.map_local(model.output, _kernel_layer)
     model.norm = Norm.like(model.norm)
     return model

@@ -45,9 +45,7 @@ _TRITON = None
 
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16)
-GEMV_ROWS = 1  # 16-bit weights: rows of x the GEMV kernel takes; more go to cuBLAS
-QUANT_GEMV_ROWS = 1  # quantized weights: up to this many rows, the GEMV; then the tensor-core kernel
-QUANT_DEQUANT_ROWS = 256  # from this many rows, dequantize to 16 bit and use cuBLAS
+QUANT_DEQUANT_ROWS = 256  # quantized weights, from this many rows: dequantize to 16 bit and use cuBLAS
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -58,15 +56,24 @@ def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """x @ w.T for x (..., K) and a 16-bit or float32 weight (N, K); `gated`: w is [w1; w3] and the
-    result silu(x @ w1.T) * (x @ w3.T) (..., N // 2)."""
-    if (x.is_cuda and x.dtype in FLOAT_DTYPES and w.dtype == x.dtype and _rows(x) <= GEMV_ROWS and w.is_contiguous()
-            and available()):
-        y = _triton().gemv(x.reshape(-1, x.shape[-1]), w, None, None, "float", gated)
+def _gemv_ok(x: torch.Tensor, residual) -> bool:
+    return (x.is_cuda and x.dtype in FLOAT_DTYPES and _rows(x) == 1 and x.stride(-1) == 1
+            and (residual is None or residual.is_contiguous()) and available())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, gated: bool = False, norm=None, residual=None) -> torch.Tensor:
+    """x @ w.T for x (..., K) and a 16-bit or float32 weight (N, K). `gated`: w is [w1; w3] and the
+    result silu(x @ w1.T) * (x @ w3.T) (..., N // 2); `norm` (weight, eps): x RMSNorm'ed first;
+    `residual`: added to the result. One GEMV kernel for one row on CUDA; cuBLAS otherwise."""
+    if _gemv_ok(x, residual) and w.dtype == x.dtype and w.is_contiguous():
+        y = _triton().gemv(x.reshape(1, -1), w, None, None, "float", gated, norm=norm,
+                           residual=None if residual is None else residual.reshape(1, -1))
         return y.reshape(*x.shape[:-1], y.shape[-1])
+    if norm is not None:
+        x = rms_norm(x, *norm)
     y = F.linear(x, w)
-    return silu_mul(y) if gated else y
+    y = silu_mul(y) if gated else y
+    return y if residual is None else residual + y
 
 
 def silu_mul(y: torch.Tensor) -> torch.Tensor:
@@ -77,26 +84,31 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_linear(x: torch.Tensor, mode: str, weight: torch.Tensor, scale: torch.Tensor,
-                     zeros: Optional[torch.Tensor], group: int, gated: bool = False) -> Optional[torch.Tensor]:
+                     zeros: Optional[torch.Tensor], group: int, gated: bool = False, norm=None,
+                     residual=None) -> Optional[torch.Tensor]:
     """x @ W.T for a weight in its stored quantized form (`llama.layout.stored_form`) where a
     CUDA kernel applies (16-bit x): the GEMV for a row, a tensor-core kernel for a few, the
-    weight dequantized to 16 bit and cuBLAS for many. None where none applies."""
+    weight dequantized to 16 bit and cuBLAS for many. `gated`, `norm`, `residual` as in
+    `linear`. None where no kernel applies."""
     k = x.shape[-1]
     if not (x.is_cuda and x.dtype in FLOAT_DTYPES and k % 8 == 0 and (mode == "int8" or k % group == 0)
             and weight.is_contiguous() and available()):
         return None
-    x2 = x.reshape(-1, x.shape[-1])
-    rows = x2.shape[0]
     t = _triton()
-    if rows <= QUANT_GEMV_ROWS:
-        y = t.gemv(x2, weight, scale, zeros, mode, gated, group)
-    elif rows < QUANT_DEQUANT_ROWS:
+    if _gemv_ok(x, residual):
+        y = t.gemv(x.reshape(1, -1), weight, scale, zeros, mode, gated, group, norm=norm,
+                   residual=None if residual is None else residual.reshape(1, -1))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    if norm is not None:
+        x = rms_norm(x, *norm)
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] < QUANT_DEQUANT_ROWS:
         y = t.qmm(x2, weight, scale, zeros, mode, group)
-        y = silu_mul(y) if gated else y
     else:
         y = t.chunked_dequant_mm(x2, weight, scale, zeros, mode, group)
-        y = silu_mul(y) if gated else y
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = silu_mul(y) if gated else y
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if residual is None else residual + y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -31,16 +31,50 @@ MAGIC_F = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _rows_dot(x_ptr, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride,
-              FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _ld(ptr, mask, EVEN: tl.constexpr):
+    """A load, masked unless every block is whole."""
+    if EVEN:
+        v = tl.load(ptr)
+    else:
+        v = tl.load(ptr, mask=mask, other=0)
+    return v
+
+
+@triton.jit
+def _ld_x(x_ptr, g_ptr, offs, mask, rstd, NORM: tl.constexpr, EVEN: tl.constexpr):
+    """x[offs] in float32; with NORM, RMSNorm'ed as the reference rounds it (x * rstd in the
+    input dtype, times the norm weight g, rounded again)."""
+    x = _ld(x_ptr + offs, mask, EVEN)
+    if NORM:
+        xn = (x.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        g = _ld(g_ptr + offs, mask, EVEN).to(tl.float32)
+        x = (xn * g).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rstd(x_ptr, K, eps, BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) over the K values of x."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        acc += x * x
+    return 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+
+
+@triton.jit
+def _rows_dot(x_ptr, g_ptr, rstd, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride,
+              FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              NORM: tl.constexpr, EVEN: tl.constexpr):
     """sum_k x[k] * W[n, k] for the rows rn: (BLOCK_N,) float32."""
     if FMT == 0:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = _ld_x(x_ptr, g_ptr, rk, k_ok, rstd, NORM, EVEN)
+            w = _ld(w_ptr + rn[:, None] * K + rk[None, :], n_ok[:, None] & k_ok[None, :], EVEN)
             acc += w.to(tl.float32) * x[None, :]
         out = tl.sum(acc, axis=1)
     elif FMT == 1:
@@ -50,14 +84,14 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride,
         for k0 in range(0, K, BLOCK_K):
             rw = k0 // 4 + tl.arange(0, WORDS)
             w_ok = rw < KW
-            words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+            words = _ld(w_ptr + rn[:, None] * KW + rw[None, :], n_ok[:, None] & w_ok[None, :], EVEN)
             for j in tl.static_range(4):
-                x = tl.load(x_ptr + rw * 4 + j, mask=w_ok, other=0.0).to(tl.float32)
+                x = _ld_x(x_ptr, g_ptr, rw * 4 + j, w_ok, rstd, NORM, EVEN)
                 # byte j of each word, signed -> offset by 128, as the low bits of 2^23 + u
                 u = ((words >> (8 * j)) & 0xFF) ^ 0x80
                 q = (u | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + 128.0)
                 acc += q * x[None, :]
-        out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        out = tl.sum(acc, axis=1) * _ld(s_ptr + rn, n_ok, EVEN).to(tl.float32)
     else:
         WORDS: tl.constexpr = BLOCK_K // 8
         R: tl.constexpr = BLOCK_K // GROUP  # groups a tile
@@ -67,59 +101,74 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride,
         for k0 in range(0, K, BLOCK_K):
             rw = k0 // 8 + tl.arange(0, WORDS)
             w_ok = rw < KW
-            words = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+            words = _ld(w_ptr + rn[:, None] * KW + rw[None, :], n_ok[:, None] & w_ok[None, :], EVEN)
             words = tl.reshape(words, (BLOCK_N, R, GW))
             rg = k0 // GROUP + tl.arange(0, R)
             sz_off = rn[:, None] * s_stride + rg[None, :]
             sz_ok = n_ok[:, None] & (rg < K // GROUP)[None, :]
-            scale = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
-            zero = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
+            scale = _ld(s_ptr + sz_off, sz_ok, EVEN).to(tl.float32)[:, :, None]
+            zero = _ld(z_ptr + sz_off, sz_ok, EVEN).to(tl.float32)[:, :, None]
             for j in tl.static_range(8):
                 # byte b of a word holds columns 2b (high nibble) and 2b + 1 (low nibble)
-                shift: tl.constexpr = 8 * (j // 2) + 4 * (1 - j % 2)
-                x = tl.load(x_ptr + rw * 8 + j, mask=w_ok, other=0.0).to(tl.float32)
+                x = _ld_x(x_ptr, g_ptr, rw * 8 + j, w_ok, rstd, NORM, EVEN)
                 x = tl.reshape(x, (R, GW))[None, :, :]
-                q = (((words >> shift) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + 8.0)
+                nib = (words >> (8 * (j // 2) + 4 * (1 - j % 2))) & 0xF
+                q = (nib | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + 8.0)
                 acc += (q * scale + zero) * x
         out = tl.sum(tl.sum(acc, axis=2), axis=1)
     return out
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, H, s_stride,
-                 FMT: tl.constexpr, GATED: tl.constexpr, GROUP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """FMT 0: 16-bit W (N, K); 1: int8 W viewed as int32 words (N, K // 4) with scale (N,);
-    2: int4 W viewed as int32 words (N, K // 8), scales and zeros (N, K // GROUP).
-    GATED: rows n and H + n of W give y[n] = silu(a) * b (N = H outputs)."""
+def _gemv_kernel(x_ptr, g_ptr, eps, w_ptr, s_ptr, z_ptr, r_ptr, y_ptr, N, K, H, s_stride,
+                 FMT: tl.constexpr, GATED: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
+                 RESIDUAL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = W @ x for one row x. FMT 0: 16-bit W (N, K); 1: int8 W viewed as int32 words (N, K // 4)
+    with scale (N,); 2: int4 W viewed as int32 words (N, K // 8), scales and zeros (N, K // GROUP).
+    NORM: x is first RMSNorm'ed with weight g. GATED: rows n and H + n of W give
+    y[n] = silu(a) * b (N = H outputs). RESIDUAL: y += r."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    y = _rows_dot(x_ptr, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride, FMT, GROUP, BLOCK_N, BLOCK_K)
+    rstd = 1.0
+    if NORM:
+        rstd = _rstd(x_ptr, K, eps, 1024)
+    y = _rows_dot(x_ptr, g_ptr, rstd, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride, FMT, GROUP, BLOCK_N, BLOCK_K,
+                  NORM, EVEN)
     if GATED:
-        up = _rows_dot(x_ptr, w_ptr, s_ptr, z_ptr, rn + H, n_ok, K, s_stride, FMT, GROUP, BLOCK_N, BLOCK_K)
+        up = _rows_dot(x_ptr, g_ptr, rstd, w_ptr, s_ptr, z_ptr, rn + H, n_ok, K, s_stride, FMT, GROUP, BLOCK_N,
+                       BLOCK_K, NORM, EVEN)
         y = y / (1.0 + tl.exp(-y)) * up
-    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    if RESIDUAL:
+        y += _ld(r_ptr + rn, n_ok, EVEN).to(tl.float32)
+    if EVEN:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty))
+    else:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str, gated: bool, group: int = 128) -> torch.Tensor:
-    """(1, K) x @ W.T -> (1, N) (N // 2 if gated) in x's dtype, W in its stored form."""
+def gemv(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str, gated: bool, group: int = 128,
+         norm=None, residual=None) -> torch.Tensor:
+    """(1, K) x @ W.T -> (1, N) (N // 2 if gated) in x's dtype, W in its stored form; `norm`
+    (weight, eps): RMSNorm x first; `residual` (1, N): added to the result."""
     k = x.shape[-1]
     n_rows = w.shape[0]
     n = n_rows // 2 if gated else n_rows
-    if fmt == "int8":
-        w = w.view(torch.int32)
-    elif fmt == "int4":
+    if fmt in ("int8", "int4"):
         w = w.view(torch.int32)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     cfg = tuning.gemv_config(fmt, n, k, gated, group)
+    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
     s_stride = scale.stride(0) if scale is not None and scale.dim() == 2 else 0
-    _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        x, w, scale if scale is not None else w, zeros if zeros is not None else w, y, n, k, n if gated else 0,
-        s_stride, FMT=FORMATS[fmt], GATED=gated, GROUP=group if fmt == "int4" else 1,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    g, eps = norm if norm is not None else (x, 0.0)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, g, eps, w, scale if scale is not None else w, zeros if zeros is not None else w,
+        residual if residual is not None else y, y, n, k, n if gated else 0, s_stride,
+        FMT=FORMATS[fmt], GATED=gated, GROUP=group if fmt == "int4" else 1, NORM=norm is not None,
+        RESIDUAL=residual is not None, EVEN=n % block_n == 0 and k % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
@@ -272,7 +321,7 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, rows_ptr, kv_ptr, qo_ptr, ko_ptr,
-                       seqlen, pos_row_stride, tok_stride_q, tok_stride_k, tok_stride_v,
+                       seqlen, pos_row_stride, q_bs, q_ts, k_bs, k_ts, v_bs, v_ts,
                        cache_b_stride, cache_s_stride, kv_half, H, HKV,
                        HAS_ROWS: tl.constexpr, HALF_D: tl.constexpr):
     """One program per (token, head): q heads 0..H-1 are rotated into qo; kv heads H..H+HKV-1
@@ -285,7 +334,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, rows_ptr, kv_ptr,
     cos = tl.load(rope_ptr + pos * HALF_D * 2 + 2 * i)
     sin = tl.load(rope_ptr + pos * HALF_D * 2 + 2 * i + 1)
     if head < H:
-        base = q_ptr + tok * tok_stride_q + head * HALF_D * 2
+        base = q_ptr + b * q_bs + t * q_ts + head * HALF_D * 2
         x0 = tl.load(base + 2 * i).to(tl.float32)
         x1 = tl.load(base + 2 * i + 1).to(tl.float32)
         out = qo_ptr + (tok * H + head) * HALF_D * 2
@@ -297,7 +346,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, rows_ptr, kv_ptr,
             row = tl.load(rows_ptr + b).to(tl.int64)
         else:
             row = b.to(tl.int64)
-        base = k_ptr + tok * tok_stride_k + h * HALF_D * 2
+        base = k_ptr + b * k_bs + t * k_ts + h * HALF_D * 2
         x0 = tl.load(base + 2 * i).to(tl.float32)
         x1 = tl.load(base + 2 * i + 1).to(tl.float32)
         r0 = (x0 * cos - x1 * sin).to(ko_ptr.dtype.element_ty)
@@ -308,28 +357,17 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, rows_ptr, kv_ptr,
         slot = kv_ptr + row * cache_b_stride + pos * cache_s_stride + h * HALF_D * 2
         tl.store(slot + 2 * i, r0)
         tl.store(slot + 2 * i + 1, r1)
-        vbase = v_ptr + tok * tok_stride_v + h * HALF_D * 2
+        vbase = v_ptr + b * v_bs + t * v_ts + h * HALF_D * 2
         d = tl.arange(0, 2 * HALF_D)
         tl.store(slot + kv_half + d, tl.load(vbase + d))
-
-
-def _token_stride(x: torch.Tensor) -> int:
-    """Elements between consecutive tokens of a (bs, seqlen, heads, head_dim) view whose heads
-    are contiguous (the q, k, v column blocks of one projection's output)."""
-    bs, seqlen, heads, d = x.shape
-    if x.stride(3) != 1 or x.stride(2) != d or (seqlen > 1 and x.stride(0) != seqlen * x.stride(1)):
-        raise ValueError("unexpected layout")
-    return x.stride(1)
 
 
 def rope_and_store(xq, xk, xv, rope, positions, kv, rows):
     bs, seqlen, h, d = xq.shape
     hkv = xk.shape[2]
-    try:
-        strides = [_token_stride(t) for t in (xq, xk, xv)]
-    except ValueError:
+    if any(t.stride(3) != 1 or t.stride(2) != d for t in (xq, xk, xv)):  # heads must be contiguous
         xq, xk, xv = xq.contiguous(), xk.contiguous(), xv.contiguous()
-        strides = [_token_stride(t) for t in (xq, xk, xv)]
+    strides = [s for t in (xq, xk, xv) for s in (t.stride(0), t.stride(1))]  # (batch, token) of each
     qo = torch.empty((bs, seqlen, h, d), dtype=xq.dtype, device=xq.device)
     ko = torch.empty((bs, seqlen, hkv, d), dtype=xk.dtype, device=xk.device)
     positions = positions.contiguous()
