@@ -26,6 +26,9 @@ from llama.config import ModelArgs  # noqa: E402
 from llama.kernels import triton_kernels as T  # noqa: E402
 from llama.kernels import tuning  # noqa: E402
 
+QMM_CANDIDATES = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+                  for n, k, w, st in ((32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3),
+                                      (64, 64, 4, 4), (128, 64, 4, 3))]
 CANDIDATES = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1)
               for n, k, w in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (8, 2048, 8),
                               (32, 256, 4), (4, 2048, 4))]
@@ -96,6 +99,22 @@ def main():
                         best = (t, cfg)
                 tuned[f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}"] = best[1]
                 tuning._tuned()[f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}"] = best[1]
+            if a.tune and fmt != "bf16":
+                for m in (r for r in rows if 1 < r < kernels.QUANT_DEQUANT_ROWS):
+                    bucket = tuning.qmm_bucket(m)
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    key = f"qmm/{fmt}/{n}x{k}/{bucket}"
+                    best = None
+                    for cfg in QMM_CANDIDATES:
+                        tuning._tuned()[key] = dict(cfg)
+                        try:
+                            t = graph_time(lambda i: T.qmm(x, *ws[i % len(ws)], fmt, 128), 20)
+                        except Exception as e:  # a configuration the compiler refuses
+                            print(f"  {name} {fmt} qmm {cfg}: {type(e).__name__}", flush=True)
+                            continue
+                        if best is None or t < best[0]:
+                            best = (t, cfg)
+                    tuned[key] = tuning._tuned()[key] = best[1]
             for m in rows:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 if fmt == "bf16":

@@ -102,7 +102,7 @@ def quantized_linear(x: torch.Tensor, mode: str, weight: torch.Tensor, scale: to
     if norm is not None:
         x = rms_norm(x, *norm)
     x2 = x.reshape(-1, k)
-    if x2.shape[0] < QUANT_DEQUANT_ROWS:
+    if x2.shape[0] < QUANT_DEQUANT_ROWS and (mode == "int8" or group >= 32):
         y = t.qmm(x2, weight, scale, zeros, mode, group)
     else:
         y = t.chunked_dequant_mm(x2, weight, scale, zeros, mode, group)

@@ -1,27 +1,41 @@
 """Launch configurations of the Triton kernels: defaults that suit Hopper-class GPUs at
-Llama's shapes, replaced by the ones `benchmarks/tune_kernels.py` measured on this GPU
-when the start-up cache (`llama.cache`) holds them. Nothing is benchmarked while a
-model runs, so a first run starts as fast as a later one.
+Llama's shapes; the ones measured on GPUs of this kind (`configs.json`, written from
+`benchmarks/kernels.py --tune`); and the ones measured on this very GPU, when the start-up
+cache (`llama.cache`) holds them. Nothing is benchmarked while a model runs, so a first
+run starts as fast as a later one.
 """
 
 import functools
+import json
+from pathlib import Path
 from typing import Dict
 
+import torch
+
 from llama import cache
+
+SHIPPED = Path(__file__).with_name("configs.json")
 
 # (fmt, gated) -> config for the one-row GEMV
 GEMV_DEFAULTS = {
     "float": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
     "int8": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
-    "int4": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    "int4": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1},
 }
 QMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned() -> Dict[str, dict]:
-    """The configurations measured on this GPU, from the cache folder (empty if none)."""
-    return cache.load_json("kernel-configs", device_bound=True) or {}
+    """The configurations measured on this kind of GPU (shipped) and on this GPU (the cache folder)."""
+    found = {}
+    if torch.cuda.is_available():
+        try:
+            found.update(json.loads(SHIPPED.read_text()).get(torch.cuda.get_device_name(), {}))
+        except (OSError, ValueError):
+            pass
+    found.update(cache.load_json("kernel-configs", device_bound=True) or {})
+    return found
 
 
 def gemv_config(fmt: str, n: int, k: int, gated: bool, group: int) -> dict:
@@ -30,13 +44,17 @@ def gemv_config(fmt: str, n: int, k: int, gated: bool, group: int) -> dict:
     while block_k > 16 and (k < block_k // 2):  # small test widths: no wider than needed
         block_k //= 2
     if fmt == "int4":
-        block_k = max(block_k, group)
+        block_k = group  # the int4 kernel steps one group of columns at a time
     return dict(cfg, BLOCK_K=block_k)
 
 
+def qmm_bucket(m: int) -> int:
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
 def qmm_config(fmt: str, m: int, n: int, k: int, group: int) -> dict:
-    cfg = dict(_tuned().get(f"qmm/{fmt}/{n}x{k}") or QMM_DEFAULT)
-    cfg["BLOCK_M"] = 16 if m <= 16 else 32 if m <= 32 else 64
+    cfg = dict(_tuned().get(f"qmm/{fmt}/{n}x{k}/{qmm_bucket(m)}") or QMM_DEFAULT)
+    cfg["BLOCK_M"] = qmm_bucket(m)
     if fmt == "int4":
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group)
     return cfg
