@@ -93,24 +93,29 @@ def _rows_dot(x_ptr, g_ptr, rstd, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride,
                 acc += q * x[None, :]
         out = tl.sum(acc, axis=1) * _ld(s_ptr + rn, n_ok, EVEN).to(tl.float32)
     else:
-        # one group of columns a step (BLOCK_K == GROUP): one scale and zero a row
-        WORDS: tl.constexpr = GROUP // 8
+        WORDS: tl.constexpr = BLOCK_K // 8
+        R: tl.constexpr = BLOCK_K // GROUP  # groups a tile
+        GW: tl.constexpr = GROUP // 8  # words a group
         KW = K // 8
-        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        for k0 in range(0, K, GROUP):
+        acc = tl.zeros((BLOCK_N, R, GW), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
             rw = k0 // 8 + tl.arange(0, WORDS)
             w_ok = rw < KW
             words = _ld(w_ptr + rn[:, None] * KW + rw[None, :], n_ok[:, None] & w_ok[None, :], EVEN)
-            g = k0 // GROUP
-            scale = _ld(s_ptr + rn * s_stride + g, n_ok, EVEN).to(tl.float32)[:, None]
-            zero = _ld(z_ptr + rn * s_stride + g, n_ok, EVEN).to(tl.float32)[:, None]
+            words = tl.reshape(words, (BLOCK_N, R, GW))
+            rg = k0 // GROUP + tl.arange(0, R)
+            sz_off = rn[:, None] * s_stride + rg[None, :]
+            sz_ok = n_ok[:, None] & (rg < K // GROUP)[None, :]
+            scale = _ld(s_ptr + sz_off, sz_ok, EVEN).to(tl.float32)[:, :, None]
+            zero = _ld(z_ptr + sz_off, sz_ok, EVEN).to(tl.float32)[:, :, None]
             for j in tl.static_range(8):
                 # byte b of a word holds columns 2b (high nibble) and 2b + 1 (low nibble)
                 x = _ld_x(x_ptr, g_ptr, rw * 8 + j, w_ok, rstd, NORM, EVEN)
+                x = tl.reshape(x, (R, GW))[None, :, :]
                 nib = (words >> (8 * (j // 2) + 4 * (1 - j % 2))) & 0xF
                 q = (nib | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + 8.0)
-                acc += (q * scale + zero) * x[None, :]
-        out = tl.sum(acc, axis=1)
+                acc += (q * scale + zero) * x
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)
     return out
 
 
@@ -179,29 +184,26 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, s_stride,
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if FMT == 1:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
             w = w.to(x.dtype)
-            acc += tl.dot(x, tl.trans(w))
         else:
-            # columns 2c (high nibbles) and 2c + 1 (low nibbles) as two products of half the width
             HALF: tl.constexpr = BLOCK_K // 2
             rb = k0 // 2 + tl.arange(0, HALF)
             b_ok = rb < K // 2
-            xe = tl.load(x_ptr + rm[:, None] * K + 2 * rb[None, :], mask=m_ok[:, None] & b_ok[None, :], other=0.0)
-            xo = tl.load(x_ptr + rm[:, None] * K + 2 * rb[None, :] + 1, mask=m_ok[:, None] & b_ok[None, :], other=0.0)
             packed = tl.load(w_ptr + rn[:, None] * (K // 2) + rb[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0)
             packed = packed.to(tl.int32)
-            g = k0 // GROUP
-            scale = tl.load(s_ptr + rn * s_stride + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            zero = tl.load(z_ptr + rn * s_stride + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             hi = ((packed >> 4) | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + 8.0)
             lo = ((packed & 0xF) | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + 8.0)
-            acc += tl.dot(xe, tl.trans((hi * scale + zero).to(xe.dtype)))
-            acc += tl.dot(xo, tl.trans((lo * scale + zero).to(xo.dtype)))
+            q = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + rn * s_stride + g, mask=n_ok, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + rn * s_stride + g, mask=n_ok, other=0.0).to(tl.float32)
+            w = (q * scale[:, None] + zero[:, None]).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
     if FMT == 1:
         acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -20,7 +20,7 @@ SHIPPED = Path(__file__).with_name("configs.json")
 GEMV_DEFAULTS = {
     "float": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
     "int8": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
-    "int4": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1},
+    "int4": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
 }
 QMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
@@ -44,7 +44,7 @@ def gemv_config(fmt: str, n: int, k: int, gated: bool, group: int) -> dict:
     while block_k > 16 and (k < block_k // 2):  # small test widths: no wider than needed
         block_k //= 2
     if fmt == "int4":
-        block_k = group  # the int4 kernel steps one group of columns at a time
+        block_k = max(block_k, group)  # whole groups a step
     return dict(cfg, BLOCK_K=block_k)
 
 
