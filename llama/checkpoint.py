@@ -53,7 +53,7 @@ def _folder(ckpt_dir) -> Path:
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         raise CheckpointError(
-            f"checkpoint directory {str(folder)!r} does not exist; pass --ckpt_dir the folder "
+            f"checkpoint directory {str(folder)!r} does not exist; pass as ckpt_dir the folder "
             "download.sh made (e.g. llama-2-7b/), holding params.json and consolidated.*.pth"
         )
     return folder

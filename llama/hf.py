@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from llama.config import META_PARAM_KEYS, ModelArgs, meta_params, params_from_hf
+from llama.extras import needs
 from llama.files import inside, regular_file
 from llama.layout import CheckpointError
 
@@ -129,7 +130,7 @@ def _safe_open(path: Path):
     try:
         from safetensors import safe_open
     except ImportError:
-        raise CheckpointError(f"reading {path.name} needs the safetensors package: pip install safetensors") from None
+        raise CheckpointError(needs(f"reading {path.name}", "hf")) from None
     try:
         return safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError for damaged files

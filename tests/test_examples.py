@@ -77,7 +77,7 @@ def test_sampling_flags(ckpts):
 
 @pytest.mark.parametrize("script,args,message", [
     ("example_text_completion.py", ["--ckpt_dir", "no-such-dir"], "error: checkpoint directory 'no-such-dir' does not exist"),
-    ("example_chat_completion.py", ["--ckpt_dir", "CKPT", "--max_batch_size", "0"], "error: max_batch_size must be a positive int"),
+    ("example_chat_completion.py", ["--ckpt_dir", "CKPT", "--max_batch_size", "0"], "error: --max_batch_size must be a positive int"),
     ("example_text_completion.py", ["--ckpt_dir", "CKPT", "--quantize", "int3"], "error: argument --quantize: invalid choice: 'int3'"),
 ])
 def test_examples_report_user_errors_in_one_line(ckpts, script, args, message):
