@@ -113,15 +113,22 @@ def answer(todo: List[Dialog], controls: dict, stream: bool, **build) -> None:
             print("\n==================================\n")
 
 
-def cli(argv: Optional[List[str]] = None) -> None:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0])
     p.add(MODEL_FLAGS, ckpt_dir=dict(required=True), tokenizer_path=dict(required=True),
           max_seq_len=dict(default=512), max_batch_size=dict(default=8))
     p.add(SAMPLING_FLAGS)
     p.add(("prompt", "system", "dialogs", "stream"))
+    return p
+
+
+def cli(argv: Optional[List[str]] = None) -> None:
+    p = parser()
     a = p.parse_args(argv)
-    todo = load_dialogs(a.dialogs, a.prompt, a.system)  # a bad file fails before the model loads
-    answer(todo, sampling_kwargs(a), a.stream, ckpt_dir=a.ckpt_dir, tokenizer_path=a.tokenizer_path, **build_kwargs(a))
+    with p.speaking_flags():
+        todo = load_dialogs(a.dialogs, a.prompt, a.system)  # a bad file fails before the model loads
+        answer(todo, sampling_kwargs(a), a.stream, ckpt_dir=a.ckpt_dir, tokenizer_path=a.tokenizer_path,
+               **build_kwargs(a))
 
 
 if __name__ == "__main__":

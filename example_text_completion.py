@@ -72,15 +72,20 @@ def main(
             print("\n==================================\n")
 
 
-def cli(argv: Optional[List[str]] = None) -> None:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0])
     p.add(MODEL_FLAGS, ckpt_dir=dict(required=True), tokenizer_path=dict(required=True),
           max_seq_len=dict(default=128), max_batch_size=dict(default=4))
     p.add(SAMPLING_FLAGS, max_gen_len=dict(default=64))
     p.add(("prompt", "stream"))
+    return p
+
+
+def cli(argv: Optional[List[str]] = None) -> None:
+    p = parser()
     a = p.parse_args(argv)
-    kw = build_kwargs(a)
-    main(a.ckpt_dir, a.tokenizer_path, prompt=a.prompt, stream=a.stream, **sampling_kwargs(a), **kw)
+    with p.speaking_flags():
+        main(a.ckpt_dir, a.tokenizer_path, prompt=a.prompt, stream=a.stream, **sampling_kwargs(a), **build_kwargs(a))
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def quant_plan(ckpt: Checkpoint, quantize: Optional[str], group_size: int, world
     if saved is not None:
         if quantize not in (None, saved.mode):
             raise ValueError(
-                f"{str(ckpt.folder)!r} is already quantized to {saved.mode}: build it with quantize=None "
-                f"(or '{saved.mode}'), or quantize the original checkpoint to {quantize}"
+                f"{str(ckpt.folder)!r} is already quantized to {saved.mode}: drop quantize='{quantize}' (it loads "
+                f"as {saved.mode} as it is), or quantize the original checkpoint to {quantize}"
             )
         return saved, False
     if quantize is None:

@@ -53,7 +53,7 @@ def _folder(ckpt_dir) -> Path:
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         raise CheckpointError(
-            f"checkpoint directory {str(folder)!r} does not exist; pass --ckpt_dir the folder "
+            f"checkpoint directory {str(folder)!r} does not exist; pass as ckpt_dir the folder "
             "download.sh made (e.g. llama-2-7b/), holding params.json and consolidated.*.pth"
         )
     return folder
@@ -209,10 +209,10 @@ def check_shards(paths: Sequence[Path], shards: Sequence[Mapping]) -> None:
 
 
 def _missing_shards(ckpt: Checkpoint, expected: Dict[str, tuple]) -> Optional[str]:
-    """A message if every split weight is the same whole fraction of its expected size (some
-    shards are missing), else None."""
+    """A message if the shards are slices of a model of more shards than the folder holds
+    (every split weight is the same whole fraction of its expected size), else None."""
     n = len(ckpt.shards)
-    ratios = set()
+    totals = set()
     for key, shape in expected.items():
         dim = split_dim(key)
         if dim is None or key in ("tok_embeddings.weight", "output.weight"):  # their sizes hang on the vocabulary
@@ -220,13 +220,14 @@ def _missing_shards(ckpt: Checkpoint, expected: Dict[str, tuple]) -> Optional[st
         local = tensor_shape(ckpt.shards[0], key)
         if len(local) != len(shape) or any(a != b for d, (a, b) in enumerate(zip(local, shape)) if d != dim):
             return None
-        got = local[dim] * n
-        if got == 0 or shape[dim] % got:
+        if local[dim] == 0 or shape[dim] % local[dim]:
             return None
-        ratios.add(shape[dim] // got)
-    if len(ratios) != 1 or ratios == {1}:
+        totals.add(shape[dim] // local[dim])  # the shard count these slices come from
+    if len(totals) != 1:
         return None
-    total = n * ratios.pop()
+    total = totals.pop()
+    if total <= n:
+        return None
     listed = ""
     checklist = ckpt.folder / "checklist.chk"
     if checklist.is_file():

@@ -67,16 +67,16 @@ def prepare_output(out_dir, inputs: Iterable = ()) -> Tuple[Path, bool]:
         src = Path(src)
         if out.exists() and src.exists() and (out.resolve() == src.resolve() or out.resolve().is_relative_to(src.resolve())):
             raise CheckpointError(f"the output folder {str(out)!r} is the input {str(src)!r} (or inside it): "
-                                  "choose a new, empty folder with --out")
+                                  "write to a new or empty folder")
     if out.is_symlink():
         raise CheckpointError(f"the output folder {str(out)!r} is a symbolic link: give the real folder")
     if out.exists():
         if not out.is_dir():
-            raise CheckpointError(f"{str(out)!r} exists and is not a folder: choose a new, empty folder with --out")
+            raise CheckpointError(f"{str(out)!r} exists and is not a folder: write to a new or empty folder")
         held = checkpoint_files(out)
         if held:
-            raise CheckpointError(f"{str(out)!r} already holds a checkpoint ({', '.join(held[:4])}): choose a new, "
-                                  "empty folder with --out")
+            raise CheckpointError(f"{str(out)!r} already holds a checkpoint ({', '.join(held[:4])}): write to a "
+                                  "new or empty folder")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def _space_message(folder: Path, needed: Optional[int]) -> str:
     if free is not None:
         parts.append(f"{free / 2**20:.0f} MB free")
     return ": ".join(parts[:1]) + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "") + \
-        "; free some space or choose another --out, then run again"
+        "; free some space or write elsewhere, then run again"
 
 
 def write_atomic(path, write: Callable[[Path], None], needed: Optional[int] = None) -> Path:

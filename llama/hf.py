@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from llama.config import META_PARAM_KEYS, ModelArgs, meta_params, params_from_hf
+from llama.extras import needs
 from llama.files import inside, regular_file
 from llama.layout import CheckpointError
 
@@ -129,7 +130,7 @@ def _safe_open(path: Path):
     try:
         from safetensors import safe_open
     except ImportError:
-        raise CheckpointError(f"reading {path.name} needs the safetensors package: pip install safetensors") from None
+        raise CheckpointError(needs(f"reading {path.name}", "hf")) from None
     try:
         return safe_open(path, framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError for damaged files
@@ -255,7 +256,7 @@ def hf_config(params: dict, vocab_size: int, dtype: torch.dtype, max_position_em
         "eos_token_id": 2,
         "torch_dtype": str(dtype).replace("torch.", ""),
         # Meta's params.json as it was, so that converting back gives the same file
-        "meta_params": {k: params[k] for k in META_PARAM_KEYS if k in params},
+        "meta_params": {k: v for k, v in params.items() if k in META_PARAM_KEYS},
     }
 
 
@@ -273,7 +274,7 @@ def meta_params_of(config: dict) -> dict:
     if isinstance(kept, dict):
         try:
             if _same_model(ModelArgs.from_params(kept), ModelArgs.from_params(derived)):
-                return {k: kept[k] for k in META_PARAM_KEYS if k in kept}
+                return {k: v for k, v in kept.items() if k in META_PARAM_KEYS}  # in its own order
         except (TypeError, ValueError):
             pass
     return derived

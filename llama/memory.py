@@ -52,7 +52,7 @@ def _fitting(args: ModelArgs, dtype, world_size: int, budget: int, spec: Optiona
         for mode in ("int8", "int4"):
             q = QuantSpec(mode, choose_group(args.dim, args.ffn_hidden_dim, world_size=world_size))
             if plan(args, dtype, world_size, q, loading=True).total <= budget:
-                hints.append(f"quantize='{mode}' (--quantize {mode})")
+                hints.append(f"quantize='{mode}'")
                 break
     room = budget - plan(args, dtype, world_size, spec).weights
     if room > 0:

@@ -10,6 +10,10 @@ class Tokenizer:
     """Encodes text to token ids and back with a Llama `tokenizer.model`."""
 
     def __init__(self, model_path: str):
+        if os.path.isdir(model_path):
+            inside = os.path.join(model_path, "tokenizer.model")
+            hint = f"pass {inside!r}" if os.path.isfile(inside) else "pass the tokenizer.model file itself"
+            raise ValueError(f"tokenizer_path {model_path!r} is a folder, not a tokenizer.model file: {hint}")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model not found: {model_path!r}. Pass the path of the "

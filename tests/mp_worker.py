@@ -1,11 +1,11 @@
 """Run under torchrun by the multi-process tests: builds a model and writes rank 0's greedy output as JSON."""
 
+import argparse
 import json
 import sys
 
-import fire
-
 from llama import Llama
+from llama.cli import boolean
 from llama.distributed import shutdown
 
 
@@ -17,11 +17,21 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 8, **b
     sys.stdout = sys.__stdout__
     import torch.distributed as dist
 
+    import torch
+
     if dist.get_rank() == 0:
         with open(out, "w") as f:
-            json.dump({"text": text, "chat": chat}, f)
+            json.dump({"text": text, "chat": chat, "threads": torch.get_num_threads()}, f)
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    p = argparse.ArgumentParser()
+    for name in ("ckpt_dir", "tokenizer_path", "out"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--max_gen_len", type=int, default=8)
+    p.add_argument("--quantize", default=None)
+    p.add_argument("--group_size", type=int, default=None)
+    p.add_argument("--fast", type=boolean, default=None)
+    a = vars(p.parse_args())
+    main(**{k: v for k, v in a.items() if v is not None})
     shutdown()

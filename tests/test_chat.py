@@ -34,9 +34,9 @@ def test_session_drops_oldest_turns_to_fit(gqa):
     chat = ChatSession(gqa, max_gen_len=8, temperature=0)  # max_seq_len 64: 56 tokens for the prompt
     chat.history = [("one " * 12, "uno"), ("two " * 12, "dos")]  # 66 tokens with all, 43 without the first
     pieces = list(chat.answer("three " * 12))
-    assert pieces[0] == "(dropped the 1 oldest exchange(s) to fit max_seq_len)\n"
+    assert pieces[0] == "(dropped the 1 oldest exchange(s) to fit --max_seq_len)\n"
     assert [q for q, _ in chat.history] == ["two " * 12, "three " * 12]
-    assert list(chat.answer("word " * 100)) == ["(message too long for max_seq_len=64; not sent)"]
+    assert list(chat.answer("word " * 100)) == ["(message too long for --max_seq_len 64; not sent)"]
 
 
 def expect_transcript(out: str):

@@ -140,3 +140,28 @@ def test_world_size_that_does_not_divide(ckpts, build):
     with pytest.raises(ck.CheckpointError, match=r"cannot be split over 3 processes.*--nproc_per_node in: 1, 2"):
         ck.check_split(ck.open_checkpoint(ckpts["gqa2"]).args, 3, into="over 3 processes",
                        fix="it runs with --nproc_per_node in")
+
+
+@pytest.mark.parametrize("lost", ["consolidated.01.pth", "consolidated.03.pth"])
+def test_a_missing_last_shard_is_named_missing(ckpts, tmp_path, build, lost):
+    """The last shard gone: no gap in the numbering, but every split weight is a whole fraction
+    of what params.json says, and checklist.chk names the file."""
+    src = ckpts["gqa2"] if lost == "consolidated.01.pth" else ckpts["gqa4"]
+    d = copy_ckpt(src, tmp_path / "c")
+    (d / lost).unlink()
+    total = 2 if lost == "consolidated.01.pth" else 4
+    want = rf"holds {total - 1} of the model's {total} shards: the missing shard\(s\) \({lost}, listed in checklist.chk\)"
+    with pytest.raises(ck.CheckpointError, match=want):
+        build(str(d))
+    (d / "checklist.chk").unlink()  # without the checklist, still a missing shard, not a bad params.json
+    with pytest.raises(ck.CheckpointError, match=rf"holds {total - 1} of the model's {total} shards"):
+        build(str(d))
+
+
+def test_a_gap_in_the_shard_numbers_is_named(ckpts, tmp_path, build):
+    d = copy_ckpt(ckpts["gqa4"], tmp_path / "c")
+    (d / "consolidated.00.pth").unlink()
+    (d / "consolidated.02.pth").unlink()
+    with pytest.raises(ck.CheckpointError, match=r"shard\(s\) consolidated.00.pth, consolidated.02.pth missing from "
+                                                 r".*: the folder holds 2 of 4 shards"):
+        build(str(d))

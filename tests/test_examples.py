@@ -77,7 +77,7 @@ def test_sampling_flags(ckpts):
 
 @pytest.mark.parametrize("script,args,message", [
     ("example_text_completion.py", ["--ckpt_dir", "no-such-dir"], "error: checkpoint directory 'no-such-dir' does not exist"),
-    ("example_chat_completion.py", ["--ckpt_dir", "CKPT", "--max_batch_size", "0"], "error: max_batch_size must be a positive int"),
+    ("example_chat_completion.py", ["--ckpt_dir", "CKPT", "--max_batch_size", "0"], "error: --max_batch_size must be a positive int"),
     ("example_text_completion.py", ["--ckpt_dir", "CKPT", "--quantize", "int3"], "error: argument --quantize: invalid choice: 'int3'"),
 ])
 def test_examples_report_user_errors_in_one_line(ckpts, script, args, message):
@@ -86,3 +86,22 @@ def test_examples_report_user_errors_in_one_line(ckpts, script, args, message):
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_broken_dialogs_file_is_named_before_loading(tmp_path, monkeypatch, capsys):
+    import example_chat_completion
+    from llama import Llama
+    from tests.helpers import cli
+
+    monkeypatch.setattr(Llama, "build", lambda *a, **k: pytest.fail("built a model for a broken --dialogs file"))
+    path = tmp_path / "my dialogs.json"
+    path.write_text('[[{"role": "user", "content": "hi"}]')  # the closing bracket lost
+    assert cli(example_chat_completion.cli, "--ckpt_dir", "X", "--tokenizer_path", TOKENIZER, "--dialogs", str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --dialogs {path} is not valid JSON (") and err.count("\n") == 1
+    path.write_text('{"role": "user"}')
+    assert cli(example_chat_completion.cli, "--ckpt_dir", "X", "--tokenizer_path", TOKENIZER, "--dialogs", str(path)) == 2
+    assert f"--dialogs {path}: expected a JSON list of dialogs" in capsys.readouterr().err
+    assert cli(example_chat_completion.cli, "--ckpt_dir", "X", "--tokenizer_path", TOKENIZER, "--dialogs",
+               str(tmp_path / "absent.json")) == 2
+    assert f"cannot read --dialogs {tmp_path / 'absent.json'}: No such file" in capsys.readouterr().err

@@ -12,7 +12,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from llama import Llama  # noqa: E402
 from llama import checkpoint as ck  # noqa: E402
-from llama.config import META_PARAM_KEYS, reference_hidden  # noqa: E402
+from llama.config import META_PARAM_KEYS, meta_params, params_from_hf, reference_hidden  # noqa: E402
 from llama.tools import convert  # noqa: E402
 from tests.conftest import TOKENIZER, torchrun  # noqa: E402
 
@@ -177,3 +177,42 @@ def test_errors(hf_dir, tmp_path):
         build(missing)
     with pytest.raises(ck.CheckpointError, match="tokenizer has 32000 pieces but the model only 700"):
         Llama.build(str(hf_dir / "single"), TOKENIZER, 64, 2, device="cpu")
+
+
+# The fields of Meta's reference ModelArgs that params.json may set (its max_batch_size and
+# max_seq_len come from Llama.build), as listed in its llama/model.py.
+REFERENCE_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                    "norm_eps", "rope_theta"}
+
+
+def reference_ffn(dim, multiple_of, ffn_dim_multiplier=None):
+    """The reference FeedForward's hidden size, written out here from its description:
+    2/3 of 4*dim, scaled by ffn_dim_multiplier, rounded up to a multiple of multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@pytest.mark.parametrize("source", ["gqa2", "mha"])
+def test_meta_hf_meta_round_trip_gives_back_params_json(ckpts, tmp_path, source):
+    src = Path(ckpts[source])
+    convert.meta_to_hf(src, tmp_path / "hf", TOKENIZER)
+    convert.hf_to_meta(tmp_path / "hf", tmp_path / "meta", shards=2 if source == "gqa2" else 1)
+    assert (tmp_path / "meta" / "params.json").read_text() == (src / "params.json").read_text()
+
+
+def test_hf_to_meta_params_load_in_the_references_model_args(hf_dir, tmp_path):
+    """config.json from transformers (intermediate_size 100, off Meta's rule) -> params.json
+    whose keys the reference's ModelArgs(**params) takes and whose FFN its formula gives."""
+    convert.hf_to_meta(hf_dir / "single", tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert set(params) <= REFERENCE_FIELDS and "ffn_hidden_size" not in params
+    assert reference_ffn(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")) == 100
+    assert params["rope_theta"] == 50000.0  # differs from the default, so it is written, as Code Llama's are
+    for dim, hidden, rule in [(4096, 11008, (256, None)), (8192, 28672, (4096, 1.3)), (5120, 13824, (256, None))]:
+        config = {"hidden_size": dim, "num_hidden_layers": 2, "num_attention_heads": 32, "intermediate_size": hidden,
+                  "vocab_size": 32000}
+        p = meta_params(params_from_hf(config))
+        assert (p["multiple_of"], p.get("ffn_dim_multiplier")) == rule and "rope_theta" not in p
+        assert reference_ffn(dim, p["multiple_of"], p.get("ffn_dim_multiplier")) == hidden

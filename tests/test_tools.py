@@ -11,6 +11,7 @@ import torch
 from llama import checkpoint as ck
 from llama.tools import check, reshard
 from tests.conftest import FIXTURES, REPO, TOKENIZER
+from tests.helpers import cli
 
 
 def load_all(d):
@@ -99,3 +100,39 @@ def test_check_reports_problems(tmp_path, capsys):
     assert any("truncated or corrupt" in p for p in problems)
     assert any("not an md5 checklist" in p for p in problems)
     assert check.main([str(d)]) == 1
+
+
+def test_check_takes_the_folder_as_ckpt_dir_or_alone(capsys):
+    folder = str(FIXTURES / "tiny-gqa")
+    assert check.main(["--ckpt_dir", folder, "--no-md5"]) == 0
+    by_flag = capsys.readouterr().out
+    assert check.main([folder, "--no-md5"]) == 0
+    assert capsys.readouterr().out == by_flag and "OK: ready to run" in by_flag
+    assert cli(check.main, folder, "--ckpt_dir", str(FIXTURES / "tiny-gqa-mp2")) == 2
+    assert "give the checkpoint folder once" in capsys.readouterr().err
+    assert cli(check.main) == 2
+
+
+def test_check_names_a_missing_shard_first_without_a_tokenizer(tmp_path, capsys):
+    d = tmp_path / "c"
+    reshard.reshard_dir(FIXTURES / "tiny-gqa", 2, d)  # with its checklist.chk
+    (d / "consolidated.01.pth").unlink()
+    assert check.main([str(d)]) == 1
+    problems = capsys.readouterr().err.split("PROBLEMS:")[1].strip().splitlines()
+    assert problems[0].startswith(f"- the folder {str(d)!r} holds 1 of the model's 2 shards")
+    assert not any("tokenizer" in p for p in problems)
+
+
+@pytest.mark.parametrize("tool", ["llama.tools.check", "llama.tools.random_checkpoint"])
+def test_output_into_a_closed_pipe_ends_quietly(tool, tmp_path):
+    """`llama-check ... | head -1`: the reader goes away before the tool writes."""
+    args = [str(FIXTURES / "tiny-gqa")] if tool.endswith("check") else [str(tmp_path / "rc"), "--dim", "16",
+                                                                          "--n_layers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", tool, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO)
+    proc.stdout.close()  # before the child has started up
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
+    res = subprocess.run(f"{sys.executable} -m llama.tools.check {FIXTURES / 'tiny-gqa'} | head -1", shell=True,
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.stderr == "" and len(res.stdout.splitlines()) == 1

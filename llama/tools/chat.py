@@ -9,7 +9,6 @@ input (Ctrl-D, or a closed pipe) exits. When the conversation no longer fits max
 the oldest exchanges are dropped, and the chat says so.
 """
 
-import argparse
 import sys
 from typing import Iterator, List, Optional, Tuple
 
@@ -72,10 +71,10 @@ class ChatSession:
         """Streams the answer to `user` and records the exchange (also when stopped early)."""
         dialog, dropped = self.fit(user)
         if dialog is None:
-            yield f"(message too long for max_seq_len={self.llama.model.params.max_seq_len}; not sent)"
+            yield f"(message too long for --max_seq_len {self.llama.model.params.max_seq_len}; not sent)"
             return
         if dropped:
-            yield f"(dropped the {dropped} oldest exchange(s) to fit max_seq_len)\n"
+            yield f"(dropped the {dropped} oldest exchange(s) to fit --max_seq_len)\n"
         text = ""
         try:
             for piece in self.llama.stream_chat(dialog, max_gen_len=self.max_gen_len, **self.sampling):
@@ -126,15 +125,20 @@ def run(session: ChatSession) -> None:
         print("\n", file=out, flush=True)
 
 
-def main(argv=None) -> None:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0], epilog=HELP + "; Ctrl-C stops an answer, Ctrl-D (end of input) quits")
     p.add(MODEL_FLAGS, ckpt_dir=dict(required=True), tokenizer_path=dict(required=True),
           max_seq_len=dict(default=2048), max_batch_size=dict(default=1))
-    p.add(SAMPLING_FLAGS, seed=dict(default=1, type=int))
+    p.add(SAMPLING_FLAGS, seed=dict(default=1, type=int, help="seed of the sampling"))
     p.add(("system",))
-    a = p.parse_args(argv)
+    return p
 
-    llama = Llama.build(a.ckpt_dir, a.tokenizer_path, seed=a.seed, **build_kwargs(a))
+
+def main(argv=None) -> None:
+    p = parser()
+    a = p.parse_args(argv)
+    with p.speaking_flags():
+        llama = Llama.build(a.ckpt_dir, a.tokenizer_path, seed=a.seed, **build_kwargs(a))
     sampling = sampling_kwargs(a)
     max_gen_len, sampling["seed"] = sampling.pop("max_gen_len"), None
     session = ChatSession(llama, a.system, max_gen_len, **sampling)

@@ -157,21 +157,28 @@ def check(ckpt_dir, tokenizer_path: Optional[str] = None, md5: bool = True) -> L
     return problems
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0])
-    p.add_argument("folder", nargs="?", default=None, help="the checkpoint folder (or give --ckpt_dir)")
-    p.add_argument("--ckpt_dir", default=None, help="the checkpoint folder")
-    p.add_argument("--tokenizer_path", default=None, help="also check this tokenizer.model against the weights")
+    p.add_argument("folder", nargs="?", default=None, metavar="FOLDER", help="the checkpoint folder (or give --ckpt_dir)")
+    p.add(("ckpt_dir",))
+    p.add_argument("--tokenizer_path", default=None, metavar="FILE",
+                   help="also check this tokenizer.model against the weights")
     p.add_argument("--no-md5", dest="md5", action="store_false", help="skip the md5 check (slow for big models)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     folder = a.ckpt_dir or a.folder
     if folder is None or (a.ckpt_dir and a.folder and a.ckpt_dir != a.folder):
         p.error("give the checkpoint folder once: --ckpt_dir FOLDER (or FOLDER alone)")
-    problems = check(folder, a.tokenizer_path, a.md5)
+    with p.speaking_flags():
+        problems = check(folder, a.tokenizer_path, a.md5)
     if problems:
         print("\nPROBLEMS:", file=sys.stderr)
         for prob in problems:
-            print(f"- {prob}", file=sys.stderr)
+            print(f"- {p.to_flags(prob)}", file=sys.stderr)
         return 1
     print("\nOK: ready to run")
     return 0

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from llama import checkpoint as ck
 from llama import files, hf
+from llama.extras import needs
 from llama.cli import Parser
 from llama.distributed import run_main
 
@@ -34,8 +35,7 @@ def _save_file():
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ck.CheckpointError("writing Hugging Face files needs safetensors: pip install safetensors "
-                                 "(or pip install -e '.[hf]')") from None
+        raise ck.CheckpointError(needs("writing Hugging Face files", "hf")) from None
     return save_file
 
 
@@ -95,19 +95,25 @@ def hf_to_meta(ckpt_dir, out_dir, shards: int = 1) -> None:
                        inputs=[ckpt_dir], extra_files=extra)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0])
     p.add_argument("--to", required=True, choices=["hf", "meta"], help="the format to write")
-    p.add_argument("--ckpt_dir", required=True, help="the checkpoint to convert")
-    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    p.add_argument("--tokenizer_path", default=None, help="--to hf: the tokenizer.model to ship with the model")
-    p.add_argument("--shards", type=int, default=1, help="--to meta: model-parallel shards to write")
-    p.add_argument("--max_shard_gb", type=float, default=5.0, help="--to hf: largest safetensors file")
+    p.add(("ckpt_dir", "out"), ckpt_dir=dict(required=True, help="the checkpoint to convert"), out=dict(required=True))
+    p.add_argument("--tokenizer_path", default=None, metavar="FILE",
+                   help="--to hf: the tokenizer.model to ship with the model")
+    p.add_argument("--shards", type=int, default=1, metavar="N", help="--to meta: model-parallel shards to write")
+    p.add_argument("--max_shard_gb", type=float, default=5.0, metavar="GB", help="--to hf: largest safetensors file")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
-    if a.to == "hf":
-        meta_to_hf(a.ckpt_dir, a.out, a.tokenizer_path, int(a.max_shard_gb * (1 << 30)))
-    else:
-        hf_to_meta(a.ckpt_dir, a.out, a.shards)
+    with p.speaking_flags():
+        if a.to == "hf":
+            meta_to_hf(a.ckpt_dir, a.out, a.tokenizer_path, int(a.max_shard_gb * (1 << 30)))
+        else:
+            hf_to_meta(a.ckpt_dir, a.out, a.shards)
     print(f"wrote {a.out}")
     return 0
 

@@ -54,17 +54,23 @@ def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = DE
                               out_dir, inputs=[ckpt_dir])
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_dir", required=True, help="the Meta checkpoint to quantize (bf16 or fp16)")
+    p.add(("ckpt_dir",), ckpt_dir=dict(required=True, help="the Meta checkpoint to quantize (bf16 or fp16)"))
     p.add_argument("--mode", required=True, choices=quant.MODES, help="int8: per output channel; int4: per group")
-    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    p.add_argument("--shards", type=int, default=None, help="output shards (default: as many as the input)")
-    p.add_argument("--group_size", type=int, default=DEFAULT_GROUP, help="int4: input columns per scale")
-    p.add_argument("--device", default=None, help="where to quantize (default: cuda if present)")
+    p.add(("out", "group_size", "device"), out=dict(required=True), group_size=dict(default=DEFAULT_GROUP),
+          device=dict(help="where to quantize", unset="cuda when present"))
+    p.add_argument("--shards", type=int, default=None, metavar="N", unset="as many as the input",
+                   help="output shards")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     t0 = time.time()
-    written = quantize_dir(a.ckpt_dir, a.mode, a.out, a.shards, a.group_size, a.device)
+    with p.speaking_flags():
+        written = quantize_dir(a.ckpt_dir, a.mode, a.out, a.shards, a.group_size, a.device)
     print(f"wrote {len(written)} {a.mode} shard(s), params.json and checklist.chk to {a.out} in {time.time() - t0:.1f} s")
     return 0
 

@@ -7,7 +7,6 @@ with params.json (vocab_size -1, as Meta's) and the unused rope.freqs key. For t
 benchmarks and checking an install before real weights arrive.
 """
 
-import argparse
 import math
 from typing import Optional
 
@@ -50,22 +49,31 @@ def write_random_checkpoint(out_dir, params: dict, vocab_size: int = 32000, shar
     return save_checkpoint(parts, params, out_dir)
 
 
-def main(argv: Optional[list] = None) -> None:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0])
-    p.add_argument("out_dir", help="the folder to write (new or empty)")
-    p.add_argument("--dim", type=int, default=64, help="model width")
-    p.add_argument("--n_layers", type=int, default=2, help="transformer blocks")
-    p.add_argument("--n_heads", type=int, default=4, help="attention heads")
-    p.add_argument("--n_kv_heads", type=int, default=None, help="key/value heads (default: n_heads)")
-    p.add_argument("--multiple_of", type=int, default=32, help="the feed-forward size is rounded up to a multiple of this")
-    p.add_argument("--ffn_dim_multiplier", type=float, default=None, help="scales the feed-forward size (70B: 1.3)")
-    p.add_argument("--norm_eps", type=float, default=1e-5, help="RMSNorm epsilon")
-    p.add_argument("--rope_theta", type=float, default=None, help="RoPE base, written only when given (Code Llama style)")
-    p.add_argument("--vocab_size", type=int, default=32000, help="rows of the embedding (params.json keeps -1)")
-    p.add_argument("--shards", type=int, default=1, help="model-parallel shards to write")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("out_dir", metavar="OUT", help="the folder to write (new or empty)")
+    p.add_argument("--dim", type=int, default=64, metavar="N", help="model width")
+    p.add_argument("--n_layers", type=int, default=2, metavar="N", help="transformer blocks")
+    p.add_argument("--n_heads", type=int, default=4, metavar="N", help="attention heads")
+    p.add_argument("--n_kv_heads", type=int, default=None, metavar="N", unset="n_heads", help="key/value heads")
+    p.add_argument("--multiple_of", type=int, default=32, metavar="N",
+                   help="the feed-forward size is rounded up to a multiple of this")
+    p.add_argument("--ffn_dim_multiplier", type=float, default=None, metavar="X", unset="none",
+                   help="scales the feed-forward size (70B: 1.3)")
+    p.add_argument("--norm_eps", type=float, default=1e-5, metavar="EPS", help="RMSNorm epsilon")
+    p.add_argument("--rope_theta", type=float, default=None, metavar="THETA", unset="10000, not written",
+                   help="RoPE base, written only when given (Code Llama style)")
+    p.add_argument("--vocab_size", type=int, default=32000, metavar="N", help="rows of the embedding (params.json keeps -1)")
+    p.add_argument("--shards", type=int, default=1, metavar="N", help="model-parallel shards to write")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random weights")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights dtype")
-    p.add_argument("--device", default="cpu", help="where to make the random numbers (cuda: faster for big models)")
+    p.add_argument("--device", default="cpu", metavar="NAME",
+                   help="where to make the random numbers (cuda: faster for big models)")
+    return p
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = parser()
     a = p.parse_args(argv)
     params = {"dim": a.dim, "multiple_of": a.multiple_of, "n_heads": a.n_heads, "n_layers": a.n_layers,
               "norm_eps": a.norm_eps, "vocab_size": -1}
@@ -75,7 +83,9 @@ def main(argv: Optional[list] = None) -> None:
         params["ffn_dim_multiplier"] = a.ffn_dim_multiplier
     if a.rope_theta is not None:
         params["rope_theta"] = a.rope_theta
-    paths = write_random_checkpoint(a.out_dir, params, a.vocab_size, a.shards, a.seed, getattr(torch, a.dtype), a.device)
+    with p.speaking_flags():
+        paths = write_random_checkpoint(a.out_dir, params, a.vocab_size, a.shards, a.seed, getattr(torch, a.dtype),
+                                        a.device)
     print(f"wrote {len(paths)} shard(s), params.json and checklist.chk to {a.out_dir}")
 
 

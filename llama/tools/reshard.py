@@ -27,14 +27,21 @@ def reshard_dir(ckpt_dir, shards: int, out_dir) -> list:
                               inputs=[ckpt_dir])
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parser() -> Parser:
     p = Parser(__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_dir", required=True, help="the Meta checkpoint to re-split")
-    p.add_argument("--shards", type=int, required=True, help="shards to write (the model-parallel size to run on)")
-    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    p.add(("ckpt_dir",), ckpt_dir=dict(required=True, help="the Meta checkpoint to re-split"))
+    p.add_argument("--shards", type=int, required=True, metavar="N",
+                   help="shards to write (the model-parallel size to run on)")
+    p.add(("out",), out=dict(required=True))
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     t0 = time.time()
-    written = reshard_dir(a.ckpt_dir, a.shards, a.out)
+    with p.speaking_flags():
+        written = reshard_dir(a.ckpt_dir, a.shards, a.out)
     print(f"wrote {len(written)} shard(s), params.json and checklist.chk to {a.out} in {time.time() - t0:.1f} s")
     return 0
 

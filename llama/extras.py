@@ -1,0 +1,20 @@
+"""The package's name on PyPI and its optional parts: which extra brings which packages, and
+the one way a missing one is reported."""
+
+DISTRIBUTION = "llama2-inference"  # `pip install llama2-inference`; the import name is `llama`
+
+# extra -> the packages it installs (pyproject.toml's optional-dependencies say the same; a test checks)
+EXTRAS = {
+    "hf": ("safetensors",),
+    "server": ("fastapi", "uvicorn"),
+}
+
+
+def install_hint(extra: str) -> str:
+    """How to install `extra`, from PyPI or in a clone."""
+    return f"pip install '{DISTRIBUTION}[{extra}]' (in a clone: pip install -e '.[{extra}]')"
+
+
+def needs(what: str, extra: str) -> str:
+    """The message for a missing optional package: `what` needs `extra`'s packages."""
+    return f"{what} needs {' and '.join(EXTRAS[extra])}, from the '{extra}' extra: {install_hint(extra)}"
