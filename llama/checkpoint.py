@@ -257,7 +257,8 @@ def check_against_params(ckpt: Checkpoint) -> None:
     if extra:
         raise CheckpointError(
             f"the shards in {str(folder)!r} hold {len(extra)} weight(s) this model has no place for, e.g. "
-            f"{extra[:3]}: params.json (n_layers={args.n_layers}) does not describe these weights"
+            f"{extra[:3]}: params.json (n_layers={args.n_layers}) does not describe these weights; use the files "
+            "that came together (download them again)"
         )
     n = len(shards)
     for key, shape in expected.items():
@@ -282,7 +283,7 @@ def check_against_params(ckpt: Checkpoint) -> None:
         got = _dtype_of(shards[0], key)
         if want is None and got is not None and not (got.is_floating_point and got.itemsize >= 2):
             raise CheckpointError(f"{key} is stored as {got}, not as floating-point weights (bfloat16, float16 or "
-                                  "float32): the file is damaged or not a Llama checkpoint")
+                                  "float32): the file is damaged or not a Llama checkpoint; download it again")
         if want is not None and got is not None and got != want:
             raise CheckpointError(
                 f"{key} is {got} but params.json says the weights are quantized ({args.quantization}), "

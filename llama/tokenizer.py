@@ -10,6 +10,9 @@ class Tokenizer:
     """Encodes text to token ids and back with a Llama `tokenizer.model`."""
 
     def __init__(self, model_path: str):
+        if os.path.exists(model_path) and not os.path.isfile(model_path):
+            raise ValueError(f"{model_path!r} is not a regular file (a folder, pipe or device): pass the "
+                             "tokenizer.model file")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model not found: {model_path!r}. Pass the path of the "
