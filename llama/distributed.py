@@ -285,6 +285,9 @@ def run_main(entry: Callable[[], object]) -> None:
         code = report(whole)
     except KeyboardInterrupt:  # a second Ctrl-C, or one that came while an error was told
         code = 130
+    finally:  # on the way out, a signal just ends the process (no traceback from exit handlers)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     if code != 0 and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
