@@ -123,6 +123,7 @@ def build(ckpt_dir, tokenizer_path: str, opts: BuildOptions):
     memory.check_fits(args, dtype, mp_size, dev, spec=spec, loading=quantizing)
 
     model = load_model(ckpt, mp_rank, mp_size, dev, dtype, spec, quantizing)
+    distributed.wait_for_all()  # the slowest rank's loading is not a timeout
     model.setup_cache(opts.max_batch_size, opts.max_seq_len, dev, dtype)
     use_fast = dev.type == "cuda" if opts.fast is None else opts.fast
     decoder = finish_model(model, dtype, spec, use_fast)

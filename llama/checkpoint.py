@@ -8,6 +8,7 @@ Face folder opens as one whole Meta shard, converted lazily (`llama.hf`).
 
 import hashlib
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -134,7 +135,8 @@ def model_args(params: dict, where, **overrides) -> ModelArgs:
     try:
         return ModelArgs.from_params(params, **overrides)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"params.json in {str(where)!r} does not describe a Llama model: {e}") from None
+        raise CheckpointError(f"params.json in {str(where)!r} does not describe a Llama model: {e}; correct it, or "
+                              "download it again") from None
 
 
 def open_checkpoint(ckpt_dir, vocab_size: Optional[int] = None) -> Checkpoint:
@@ -229,8 +231,8 @@ def _missing_shards(ckpt: Checkpoint, expected: Dict[str, tuple]) -> Optional[st
     if total <= n:
         return None
     listed = ""
-    checklist = ckpt.folder / "checklist.chk"
-    if checklist.is_file():
+    checklist = files.inside(ckpt.folder, "checklist.chk")
+    if checklist is not None and files.regular_file(checklist):
         names = re.findall(r"consolidated\.\d+\.pth", checklist.read_text(errors="replace"))
         absent = sorted({x for x in names if not (ckpt.folder / x).exists()})
         if absent:
@@ -256,7 +258,8 @@ def check_against_params(ckpt: Checkpoint) -> None:
     if extra:
         raise CheckpointError(
             f"the shards in {str(folder)!r} hold {len(extra)} weight(s) this model has no place for, e.g. "
-            f"{extra[:3]}: params.json (n_layers={args.n_layers}) does not describe these weights"
+            f"{extra[:3]}: params.json (n_layers={args.n_layers}) does not describe these weights; use the files "
+            "that came together (download them again)"
         )
     n = len(shards)
     for key, shape in expected.items():
@@ -281,7 +284,7 @@ def check_against_params(ckpt: Checkpoint) -> None:
         got = _dtype_of(shards[0], key)
         if want is None and got is not None and not (got.is_floating_point and got.itemsize >= 2):
             raise CheckpointError(f"{key} is stored as {got}, not as floating-point weights (bfloat16, float16 or "
-                                  "float32): the file is damaged or not a Llama checkpoint")
+                                  "float32): the file is damaged or not a Llama checkpoint; download it again")
         if want is not None and got is not None and got != want:
             raise CheckpointError(
                 f"{key} is {got} but params.json says the weights are quantized ({args.quantization}), "
@@ -320,19 +323,28 @@ def md5_file(path: Path, block: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def stored_bytes(ckpt: Checkpoint) -> int:
+    """Bytes of all the checkpoint's tensors, from their shapes and dtypes (nothing is read)."""
+    return sum(math.prod(tensor_shape(shard, k)) * (_dtype_of(shard, k) or torch.float32).itemsize
+               for shard in ckpt.shards for k in shard)
+
+
 def save_checkpoint(shards: Iterable[StateDict], params: dict, out_dir, inputs: Sequence = (),
-                    extra_files: Sequence[Tuple[Path, str]] = ()) -> List[Path]:
+                    extra_files: Sequence[Tuple[Path, str]] = (), needed: Optional[int] = None) -> List[Path]:
     """Writes shards (each saved as it comes, so an iterator keeps one in memory), params.json,
     `extra_files` ((source, name) copies, e.g. tokenizer.model) and checklist.chk in Meta's
     layout into `out_dir`.
 
-    Refuses, before writing anything, a folder that holds a checkpoint or is one of `inputs`.
+    Refuses, before writing anything, a folder that holds a checkpoint or is one of `inputs`,
+    or a disk with less than `needed` bytes free (the shards' size, when the caller knows it).
     Each file appears under its final name only once whole; on failure (a full disk too)
     everything written is removed.
     """
-    out, created = files.prepare_output(out_dir, inputs)
+    if needed is not None:
+        needed += sum(Path(src).stat().st_size for src, _ in extra_files)
+    out, created = files.prepare_output(out_dir, inputs, needed)
     written: List[Path] = []
-    with files.output_transaction(out, created):
+    with files.output_transaction(out, created, needed):
         for i, shard in enumerate(shards):
             path = out / f"consolidated.{i:02d}.pth"
             size = sum(t.nbytes for t in shard.values())

@@ -13,6 +13,7 @@ line with the space needed and free.
 
 import contextlib
 import errno
+import fnmatch
 import os
 import shutil
 import stat
@@ -24,6 +25,8 @@ from llama.layout import CheckpointError
 
 CHECKPOINT_MARKERS = ("params.json", "config.json", "*.pth", "*.safetensors", "pytorch_model*.bin",
                       "*.index.json", "tokenizer.model", "checklist.chk")
+_UMASK = os.umask(0o022)  # read (the only way), then put back
+os.umask(_UMASK)
 
 
 def inside(folder, name: str) -> Optional[Path]:
@@ -51,21 +54,32 @@ def regular_file(path) -> bool:
 
 
 def checkpoint_files(folder) -> List[str]:
-    """Names of the files in `folder` that belong to a model checkpoint (Meta or Hugging Face)."""
-    folder = Path(folder)
-    found = set()
-    for pattern in CHECKPOINT_MARKERS:
-        found.update(p.name for p in folder.glob(pattern))
-    return sorted(found)
+    """Names of the files in `folder` that belong to a model checkpoint (Meta or Hugging Face),
+    links among them (a dangling one too)."""
+    names = os.listdir(folder)
+    return sorted(n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in CHECKPOINT_MARKERS))
 
 
-def prepare_output(out_dir, inputs: Iterable = ()) -> Tuple[Path, bool]:
+class NoSpace(CheckpointError):
+    """The disk of the output folder is full (or would be)."""
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def prepare_output(out_dir, inputs: Iterable = (), needed: Optional[int] = None) -> Tuple[Path, bool]:
     """(the output folder, whether it was created here); CheckpointError before anything is
-    written if it is one of `inputs`, lies inside one, or already holds checkpoint files."""
+    written if it is one of `inputs`, lies inside one, already holds checkpoint files, or is
+    on a disk with less than `needed` bytes free."""
     out = Path(out_dir)
     for src in inputs:
         src = Path(src)
-        if out.exists() and src.exists() and (out.resolve() == src.resolve() or out.resolve().is_relative_to(src.resolve())):
+        if src.exists() and (out.resolve() == src.resolve() or out.resolve().is_relative_to(src.resolve())):
             raise CheckpointError(f"the output folder {str(out)!r} is the input {str(src)!r} (or inside it): "
                                   "write to a new or empty folder")
     if out.is_symlink():
@@ -77,6 +91,9 @@ def prepare_output(out_dir, inputs: Iterable = ()) -> Tuple[Path, bool]:
         if held:
             raise CheckpointError(f"{str(out)!r} already holds a checkpoint ({', '.join(held[:4])}): write to a "
                                   "new or empty folder")
+    free = _free(out) if needed is not None else None
+    if free is not None and free < needed:
+        raise NoSpace(_space_message(out, needed))
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -85,11 +102,15 @@ def prepare_output(out_dir, inputs: Iterable = ()) -> Tuple[Path, bool]:
     return out, created
 
 
-def _space_message(folder: Path, needed: Optional[int]) -> str:
+def _free(folder: Path) -> Optional[int]:
     try:
-        free = shutil.disk_usage(folder).free
+        return shutil.disk_usage(_existing(folder)).free
     except OSError:
-        free = None
+        return None
+
+
+def _space_message(folder: Path, needed: Optional[int]) -> str:
+    free = _free(folder)
     parts = [f"no space left on the disk of {str(folder)!r}"]
     if needed is not None:
         parts.append(f"{needed / 2**20:.0f} MB needed")
@@ -108,6 +129,7 @@ def write_atomic(path, write: Callable[[Path], None], needed: Optional[int] = No
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as a plain open() would make it (mkstemp makes 0600)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -116,7 +138,7 @@ def write_atomic(path, write: Callable[[Path], None], needed: Optional[int] = No
         with contextlib.suppress(OSError):
             tmp.unlink()
         if _out_of_space(e):
-            raise CheckpointError(_space_message(path.parent, needed)) from None
+            raise NoSpace(_space_message(path.parent, needed)) from None
         raise
     return path
 
@@ -124,9 +146,11 @@ def write_atomic(path, write: Callable[[Path], None], needed: Optional[int] = No
 def _out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    text = str(e)  # torch.save reports a failed write as RuntimeError with the stream's message
-    return isinstance(e, RuntimeError) and ("No space left" in text or "unexpected pos" in text
-                                            or "file write failed" in text)
+    # torch.save reports a failed write as a RuntimeError with the stream's message, safetensors
+    # as its own error with the OS's
+    text = str(e)
+    return isinstance(e, Exception) and any(m in text for m in ("No space left", "unexpected pos", "file write failed",
+                                                                "os error 28"))
 
 
 def write_text(path, text: str) -> Path:
@@ -142,17 +166,20 @@ def copy_file(src, dst) -> Path:
 
 
 @contextlib.contextmanager
-def output_transaction(out: Path, created: bool):
+def output_transaction(out: Path, created: bool, needed: Optional[int] = None):
     """Removes every file written into `out` (and `out` itself if it was `created` here) when the
-    body fails, so a failed tool leaves nothing behind."""
+    body fails, so a failed tool leaves nothing behind. A full disk is then told in one line,
+    with the space the whole output needs (`needed`, when known) and the space now free."""
     before = set(os.listdir(out))
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         for name in set(os.listdir(out)) - before:
             with contextlib.suppress(OSError):
                 (out / name).unlink()
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()
+        if isinstance(e, NoSpace) and needed is not None:
+            raise NoSpace(_space_message(out, needed)) from None
         raise

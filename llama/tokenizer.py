@@ -14,6 +14,9 @@ class Tokenizer:
             inside = os.path.join(model_path, "tokenizer.model")
             hint = f"pass {inside!r}" if os.path.isfile(inside) else "pass the tokenizer.model file itself"
             raise ValueError(f"tokenizer_path {model_path!r} is a folder, not a tokenizer.model file: {hint}")
+        if os.path.exists(model_path) and not os.path.isfile(model_path):
+            raise ValueError(f"{model_path!r} is not a regular file (a pipe or device): pass the "
+                             "tokenizer.model file")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(
                 f"tokenizer model not found: {model_path!r}. Pass the path of the "

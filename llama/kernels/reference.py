@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama.model import apply_rope, repeat_kv
+from llama.model import apply_rope
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -4,20 +4,26 @@
     torchrun --nproc_per_node 2 -m llama.tools.chat --ckpt_dir llama-2-13b-chat --tokenizer_path tokenizer.model
 
 Commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system
-alone clears it), /exit. Ctrl-C stops the current answer and keeps the session; end of
-input (Ctrl-D, or a closed pipe) exits. When the conversation no longer fits max_seq_len,
-the oldest exchanges are dropped, and the chat says so.
+alone clears it), /exit. Ctrl-C stops the current answer and keeps the session (under
+torchrun too, where rank 0 reads it from its terminal as a key while an answer streams;
+at the prompt it ends the run); end of input (Ctrl-D, or a closed pipe) exits. When the
+conversation no longer fits max_seq_len, the oldest exchanges are dropped, and the chat
+says so.
 """
 
+import contextlib
+import os
+import select
 import sys
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 from llama import Llama
 from llama.chat_format import Dialog, encode_dialog
 from llama.cli import MODEL_FLAGS, SAMPLING_FLAGS, Parser, build_kwargs, sampling_kwargs
-from llama.distributed import is_rank_zero, run_main
+from llama.distributed import is_rank_zero, run_main, share
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 
@@ -67,8 +73,9 @@ class ChatSession:
             return f"(system prompt set: {self.system})" if self.system else "(system prompt cleared)"
         return f"(unknown command {name}; {HELP})"
 
-    def answer(self, user: str) -> Iterator[str]:
-        """Streams the answer to `user` and records the exchange (also when stopped early)."""
+    def answer(self, user: str, stopped: Optional[Callable[[], bool]] = None) -> Iterator[str]:
+        """Streams the answer to `user` and records the exchange (also when stopped early: by
+        closing this generator, or when `stopped()`, asked after each piece, says so)."""
         dialog, dropped = self.fit(user)
         if dialog is None:
             yield f"(message too long for --max_seq_len {self.llama.model.params.max_seq_len}; not sent)"
@@ -76,16 +83,26 @@ class ChatSession:
         if dropped:
             yield f"(dropped the {dropped} oldest exchange(s) to fit --max_seq_len)\n"
         text = ""
+        stream = self.llama.stream_chat(dialog, max_gen_len=self.max_gen_len, **self.sampling)
         try:
-            for piece in self.llama.stream_chat(dialog, max_gen_len=self.max_gen_len, **self.sampling):
+            for piece in stream:
                 text += piece
                 yield piece
+                if stopped is not None and stopped():
+                    yield " (stopped)"
+                    break
         finally:
+            stream.close()
             self.history.append((user, text))
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def read_line(prompt: str) -> Optional[str]:
-    """A line from rank 0's stdin, shared with every rank; None at end of input."""
+    """A line from rank 0's stdin, shared with every rank; None at end of input. Ctrl-C here
+    clears the line with one process; under torchrun it ends the run (torchrun takes it)."""
     line = None
     if is_rank_zero():
         try:
@@ -95,13 +112,43 @@ def read_line(prompt: str) -> Optional[str]:
         except EOFError:
             line = None
         except KeyboardInterrupt:
+            if world_size() > 1:
+                raise
             line = ""
             print()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [line]
-        dist.broadcast_object_list(box, src=0)
-        line = box[0]
+    line = share(line)
     return None if line is None else line.strip()
+
+
+@contextlib.contextmanager
+def ctrl_c_as_key(device: torch.device):
+    """Under torchrun, a Ctrl-C at the terminal goes to torchrun, which ends the run. While an
+    answer streams, rank 0's terminal (if stdin is one) sends keys instead of signals; yields
+    `stopped()`, which every rank calls after each piece: whether rank 0 read a Ctrl-C."""
+    fd = sys.stdin.fileno()
+    saved = None
+    if is_rank_zero() and sys.stdin.isatty():
+        import termios
+
+        saved = termios.tcgetattr(fd)
+        keys = list(saved)
+        keys[3] &= ~(termios.ISIG | termios.ICANON | termios.ECHO)  # lflags: no signals, no line editing
+        keys[6] = list(saved[6])
+        keys[6][termios.VMIN], keys[6][termios.VTIME] = 0, 0  # reads return at once
+        termios.tcsetattr(fd, termios.TCSANOW, keys)
+
+    def stopped() -> bool:
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        if saved is not None and select.select([fd], [], [], 0)[0] and b"\x03" in os.read(fd, 1024):
+            flag.fill_(1)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    try:
+        yield stopped
+    finally:
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def run(session: ChatSession) -> None:
@@ -117,11 +164,16 @@ def run(session: ChatSession) -> None:
             print(reply, file=out, flush=True)
             continue
         print("> Assistant: ", end="", file=out, flush=True)
-        try:
-            for piece in session.answer(line):
-                print(piece, end="", file=out, flush=True)
-        except KeyboardInterrupt:
-            print(" (stopped)", end="", file=out)
+        if world_size() > 1:
+            with ctrl_c_as_key(session.llama.device) as stopped:
+                for piece in session.answer(line, stopped):
+                    print(piece, end="", file=out, flush=True)
+        else:
+            try:
+                for piece in session.answer(line):
+                    print(piece, end="", file=out, flush=True)
+            except KeyboardInterrupt:
+                print(" (stopped)", end="", file=out)
         print("\n", file=out, flush=True)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from llama import checkpoint as ck
 from llama import files
+from llama.build import check_tokenizer
 from llama.cli import Parser
 from llama.config import ModelArgs, choose_group, kv_cache_bytes, weight_bytes
 from llama.distributed import run_main
@@ -69,7 +70,8 @@ def check_md5(folder: Path, shards: List[Path], problems: List[str]) -> None:
     for want, name in entries:
         path = files.inside(folder, name)
         if path is None:
-            problems.append(f"checklist.chk lists {name!r}, outside the folder: not read; the checklist is damaged")
+            problems.append(f"checklist.chk lists {name!r}, outside the folder (or a link out of it): not read; "
+                            "download checklist.chk again")
             continue
         if not path.exists():
             problems.append(f"{name}: listed in checklist.chk but missing: download it again")
@@ -120,15 +122,19 @@ def check(ckpt_dir, tokenizer_path: Optional[str] = None, md5: bool = True) -> L
     """Prints a report on `ckpt_dir`; returns the problems found (empty: ready to run)."""
     folder = Path(ckpt_dir)
     problems: List[str] = []
-    vocab = None
+    tokenizer = None
+    if tokenizer_path is None and (folder / "tokenizer.model").exists():
+        tokenizer_path = str(folder / "tokenizer.model")  # the one shipped in the folder
     if tokenizer_path:
         try:
-            vocab = Tokenizer(tokenizer_path).n_words
-            print(f"tokenizer: {vocab} pieces")
+            tokenizer = Tokenizer(tokenizer_path)
+            print(f"tokenizer: {tokenizer.n_words} pieces")
         except (FileNotFoundError, ValueError) as e:
             problems.append(str(e))
     try:
-        ckpt = ck.open_checkpoint(folder, vocab_size=vocab)
+        ckpt = ck.open_checkpoint(folder, vocab_size=tokenizer and tokenizer.n_words)
+        if tokenizer is not None:
+            check_tokenizer(ckpt, tokenizer)
     except ck.CheckpointError as e:
         problems.insert(0, str(e))
         if md5 and folder.is_dir() and not (folder / "config.json").exists():

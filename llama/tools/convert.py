@@ -63,8 +63,9 @@ def meta_to_hf(ckpt_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 
             size = 0
         groups[-1].append(k)
         size += n
-    out, created = files.prepare_output(out_dir, [ckpt_dir])
-    with files.output_transaction(out, created):
+    needed = ck.stored_bytes(src) + (Path(tokenizer_path).stat().st_size if tokenizer_path else 0)
+    out, created = files.prepare_output(out_dir, [ckpt_dir], needed)
+    with files.output_transaction(out, created, needed):
         weight_map, dtype = {}, None
         for i, group in enumerate(groups):
             name = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -92,7 +93,7 @@ def hf_to_meta(ckpt_dir, out_dir, shards: int = 1) -> None:
     tokenizer = Path(ckpt_dir) / "tokenizer.model"
     extra = [(tokenizer, "tokenizer.model")] if tokenizer.is_file() else []
     ck.save_checkpoint((ck.shard_for_rank(src.shards, r, shards) for r in range(shards)), params, out_dir,
-                       inputs=[ckpt_dir], extra_files=extra)
+                       inputs=[ckpt_dir], extra_files=extra, needed=ck.stored_bytes(src))
 
 
 def parser() -> Parser:

@@ -18,7 +18,7 @@ import torch
 from llama import checkpoint as ck
 from llama import quant
 from llama.cli import Parser
-from llama.config import choose_group
+from llama.config import choose_group, weight_bytes
 from llama.distributed import run_main
 from llama.layout import DEFAULT_GROUP, QuantSpec
 
@@ -50,8 +50,9 @@ def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = DE
     ck.check_split(args, shards, spec, into=f"into {shards} shards ({mode})", fix="use --shards in")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = dict(src.params, quantization=spec.params())
+    needed = weight_bytes(args, src.shards[0]["norm.weight"].dtype, spec)
     return ck.save_checkpoint((quantized_shard(src, r, shards, spec, device) for r in range(shards)), params,
-                              out_dir, inputs=[ckpt_dir])
+                              out_dir, inputs=[ckpt_dir], needed=needed)
 
 
 def parser() -> Parser:

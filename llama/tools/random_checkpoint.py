@@ -14,7 +14,7 @@ import torch
 
 from llama.checkpoint import save_checkpoint, shard_for_rank
 from llama.cli import Parser
-from llama.config import ModelArgs, expected_shapes
+from llama.config import ModelArgs, expected_shapes, weight_bytes
 from llama.distributed import run_main
 from llama.model import precompute_freqs_cis
 
@@ -44,9 +44,13 @@ def write_random_checkpoint(out_dir, params: dict, vocab_size: int = 32000, shar
     device: where the random numbers are made ('cuda' is much faster for real sizes; the
     weights differ from the CPU's for the same seed)."""
     args = ModelArgs.from_params(params, vocab_size=vocab_size)
-    whole = random_state(args, seed=seed, dtype=dtype, device=device)
-    parts = ({k: v.cpu() for k, v in shard_for_rank([whole], r, shards).items()} for r in range(shards))
-    return save_checkpoint(parts, params, out_dir)
+
+    def parts():  # made once the output folder is checked (a full disk is told before any work)
+        whole = random_state(args, seed=seed, dtype=dtype, device=device)
+        for r in range(shards):
+            yield {k: v.cpu() for k, v in shard_for_rank([whole], r, shards).items()}
+
+    return save_checkpoint(parts(), params, out_dir, needed=weight_bytes(args, dtype))
 
 
 def parser() -> Parser:

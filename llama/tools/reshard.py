@@ -24,7 +24,7 @@ def reshard_dir(ckpt_dir, shards: int, out_dir) -> list:
                                  "(python -m llama.tools.convert --to meta --shards N makes one)")
     ck.check_split(src.args, shards, into=f"into {shards} shards (whole heads per shard)", fix="use one of")
     return ck.save_checkpoint((ck.shard_for_rank(src.shards, r, shards) for r in range(shards)), src.params, out_dir,
-                              inputs=[ckpt_dir])
+                              inputs=[ckpt_dir], needed=ck.stored_bytes(src))
 
 
 def parser() -> Parser:
