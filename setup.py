@@ -14,6 +14,7 @@ setup(
     install_requires=get_requirements("requirements.txt"),
     extras_require={
         "hf": ["safetensors"],  # Hugging Face checkpoints
-        "test": ["pytest", "safetensors", "transformers"],
+        "server": ["fastapi>=0.165", "uvicorn>=0.30"],  # python -m llama.server
+        "test": ["pytest", "safetensors", "transformers", "fastapi>=0.165", "uvicorn>=0.30", "httpx", "openai"],
     },
 )
