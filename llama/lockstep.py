@@ -58,7 +58,9 @@ class Lockstep:
         self._send(STOP, 0, 0, None)
 
     def follow(self) -> None:
-        """On ranks other than 0: runs every step rank 0 broadcasts, until it closes."""
+        """On ranks other than 0: prepares as rank 0's engine does, then runs every step rank 0
+        broadcasts, until it closes."""
+        self.prepare()
         while True:
             header = torch.zeros(4, dtype=torch.long, device=self.wire)
             dist.broadcast(header, src=0)
