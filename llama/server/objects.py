@@ -38,15 +38,15 @@ def finish_reason(res: Result) -> Optional[str]:
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> Tuple[str, List[int]]:
-    """A token's own text (its leading space kept) and UTF-8 bytes; a byte-fallback token's
-    text is its byte escaped ('\\xe4')."""
+    """A token's own text (its leading space kept) and UTF-8 bytes; a byte-fallback token
+    (a part of a character, or a byte) is 'bytes:\\xNN', as OpenAI writes such tokens."""
     sp = tokenizer.sp_model
     if sp.is_control(token):
         return "", []
     piece = sp.id_to_piece(token)
     if sp.is_byte(token):
-        value = bytes([int(piece[3:-1], 16)])
-        return value.decode("utf-8", "backslashreplace"), list(value)
+        value = int(piece[3:-1], 16)
+        return f"bytes:\\x{value:02x}", [value]
     text = piece.replace("\u2581", " ")
     return text, list(text.encode("utf-8"))
 
