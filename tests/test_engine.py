@@ -196,3 +196,29 @@ def test_on_the_fast_path_too(ckpts, build, ref):
                                       for p in PROMPTS])
         for handle, p in zip(handles, PROMPTS):
             assert_same(handle.result(), ref.text_completion([p], temperature=0, max_gen_len=30, logprobs=True)[0])
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_alone_give_generate_s_tokens(ckpts, build):
+    """bf16 at head size 128 (the Triton kernels, graphs replayed with per-row positions): a
+    request alone runs the computation of `generate` on one prompt, so the same tokens."""
+    kw = dict(max_seq_len=128, max_batch_size=8, device="cuda", dtype="bfloat16", fast=True)
+    ref = build(ckpts["hd128"], **kw)
+    with Engine(build(ckpts["hd128"], **kw)) as engine:
+        for p in PROMPTS:
+            want, _ = ref.generate([encode(ref, p)], max_gen_len=40, temperature=0)
+            assert engine.submit(Request(encode(engine, p), Options(temperature=0, max_gen_len=40))).result().tokens \
+                == want[0]
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_concurrent_requests_equal_single_runs(ckpts, build):
+    kw = dict(max_seq_len=128, max_batch_size=8, device="cuda", dtype="float32", fast=True)
+    ref = build(ckpts["gqa1"], **kw)
+    with Engine(build(ckpts["gqa1"], **kw)) as engine:
+        assert engine.lockstep.decoder.cuda_graphs
+        lengths = [5, 40, 17, 33, 1, 26, 12, 40]
+        handles = engine.submit_many([Request(encode(engine, p), Options(temperature=0, max_gen_len=n, logprobs=True))
+                                      for p, n in zip(PROMPTS, lengths)])
+        for handle, p, n in zip(handles, PROMPTS, lengths):
+            assert_same(handle.result(), ref.text_completion([p], temperature=0, max_gen_len=n, logprobs=True)[0])
