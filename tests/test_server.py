@@ -8,6 +8,7 @@ import queue
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -353,3 +354,15 @@ def ready_address(proc, log_path, timeout=120) -> str:
         if found:
             return found.group(1)
     raise AssertionError("the server did not say it was ready:\n" + open(log_path).read()[-3000:])
+
+
+@pytest.mark.slow
+def test_serve_benchmark_checks_itself_on_a_cpu():
+    """benchmarks/serve.py end to end on a tiny model (its GPU run measures the 7B)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    res = subprocess.run([sys.executable, "benchmarks/serve.py", "--model", "tiny", "--device", "cpu", "--clients",
+                          "1,3", "--requests", "1", "--prompt_len", "8", "--new_tokens", "12", "--soak", "20"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| 3 |" in res.stdout and "3 clients / static batch" in res.stdout
+    assert re.search(r"soak: 20 requests \(\d+ dropped mid-stream\) in \d+ s: OK", res.stdout), res.stdout
