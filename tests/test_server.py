@@ -304,6 +304,8 @@ def test_health_is_503_once_the_engine_stops(ckpts, build):
         assert httpx.get(base + "/health").status_code == 200
         engine.stop()
         assert httpx.get(base + "/health").status_code == 503
+        res = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        assert res.status_code == 503 and res.json()["error"]["code"] == "unavailable"
 
 
 def test_unknown_flag_is_refused_with_a_suggestion(capsys):

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import time
 from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 from fastapi import Depends, FastAPI, Request
@@ -65,6 +66,8 @@ class Run:
             raise APIError(503, str(e), code="queue_full", type="server_error", headers={"Retry-After": "1"})
         except ValueError as e:
             raise bad(str(e), "prompt")
+        except RuntimeError as e:  # the engine has stopped
+            raise APIError(503, f"not serving: {e}", code="unavailable", type="server_error")
 
     def cancel(self) -> None:
         for h in self.handles:
@@ -81,7 +84,8 @@ class Run:
             for i, out in batch:
                 joined.setdefault(i, Result()).add(out)
             for i, part in joined.items():
-                open_ -= part.finish_reason is not None
+                if part.finish_reason is not None:
+                    open_ -= 1
                 yield i, part
 
     async def results(self, request: Request) -> List[Result]:
@@ -119,17 +123,17 @@ class API:
     def __init__(self, engine: Engine, model_name: str):
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.tokenizer
-        self.created = objects.Reply("model", model_name).created
+        self.created = int(time.time())
 
-    def health(self):
+    async def health(self):
         if self.engine.ready:
             return {"status": "ok"}
         return JSONResponse({"status": "unavailable"}, 503)
 
-    def models(self):
+    async def models(self):
         return {"object": "list", "data": [self.model_card()]}
 
-    def model(self, model: str):
+    async def model(self, model: str):
         self.check_model(model)
         return self.model_card()
 
