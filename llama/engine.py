@@ -277,7 +277,7 @@ class Engine:
             running = sum(s is not None for s in self._slots)
             return {"running": running, "waiting": len(self._waiting), "free": self.max_batch_size - running}
 
-    # --- the decode thread ---
+    # --- inside: `_cancel` from any thread, the rest in the decode thread ---
 
     def _cancel(self, handle: Handle) -> None:
         with self._cond:
@@ -316,7 +316,7 @@ class Engine:
             for run in self._slots:
                 if run is not None and run.handle.cancelled:
                     self._finish(run, CANCELLED)
-            if new is not None:
+            if new is not None and self._slots[new.row] is new:  # (not cancelled meanwhile)
                 self._prefill(new)
             if any(self._slots):
                 self._decode()
