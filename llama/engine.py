@@ -333,7 +333,12 @@ class Engine:
             return None
         row = self._slots.index(None)
         handle = self._waiting.popleft()
-        run = _Running(handle, row, self.max_seq_len, self.tokenizer, self.device)
+        try:
+            run = _Running(handle, row, self.max_seq_len, self.tokenizer, self.device)
+        except Exception as e:  # (options are checked on submission; this is a last guard for the thread)
+            self._count -= 1
+            handle._put(Output(finish_reason=ERROR, error=f"{type(e).__name__}: {e}"))
+            return None
         self._slots[row] = run
         return run
 

@@ -217,6 +217,7 @@ BAD = [  # (body changes, status, param, words in the message)
     ({"prompt": [1, 2]}, 400, "prompt", "a string or a list of strings"),
     ({"prompt": "\ud800"}, 400, "prompt", "not valid Unicode"),
     ({"stop": [""]}, 400, "stop", "non-empty"),
+    ({"seed": 2**64}, 400, "seed", "seed must be an int in"),
     ({"n": 2}, 400, "n", "n must be 1"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ({"suffix": "x"}, 400, "suffix", "not supported"),
