@@ -31,6 +31,9 @@ from llama.options import Options
 from llama.streaming import TextStream
 
 MAX_TOP_LOGPROBS = 20
+# Sampling values this close to 0 (the penalty: or beyond its inverse) overflow float32 logits
+# into NaN probabilities, which on CUDA end in a device-side assert: the engine refuses them.
+SANE = 1e-6
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 
 
@@ -249,8 +252,8 @@ class Engine:
         """Queues requests, all or none.
 
         Raises:
-            ValueError: a prompt is empty, holds non-token ids or is longer than max_seq_len,
-                or top_logprobs is out of range.
+            ValueError: a prompt is empty, holds non-token ids or is longer than max_seq_len;
+                top_logprobs, temperature or repetition_penalty is out of range.
             QueueFull: they do not fit beside the running and waiting ones.
             RuntimeError: the engine is not running.
         """
@@ -259,6 +262,11 @@ class Engine:
                           self.max_seq_len)
             if not isinstance(r.top_logprobs, int) or not 0 <= r.top_logprobs <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}], got {r.top_logprobs!r}")
+            if 0 < r.options.temperature < SANE:
+                raise ValueError(f"temperature must be 0 (greedy) or at least {SANE}, got {r.options.temperature!r}")
+            if not SANE <= r.options.repetition_penalty <= 1 / SANE:
+                raise ValueError(f"repetition_penalty must be in [{SANE}, {1 / SANE:.0f}], got "
+                                 f"{r.options.repetition_penalty!r}")
         handles = [Handle(r, self) for r in requests]
         with self._cond:
             if not self.ready:

@@ -155,6 +155,10 @@ def test_bad_requests(engine):
             engine.submit(Request(prompt))
     with pytest.raises(ValueError, match="top_logprobs"):
         engine.submit(Request([1, 2], Options(logprobs=True), top_logprobs=21))
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy. or at least 1e-06"):
+        engine.submit(Request([1, 2], Options(temperature=1e-300)))
+    with pytest.raises(ValueError, match="repetition_penalty must be in"):
+        engine.submit(Request([1, 2], Options(repetition_penalty=1e-300)))
     assert engine.ready
 
 

@@ -209,6 +209,7 @@ def test_full_queue_is_503_with_retry_after(url, engine):
 BAD = [  # (body changes, status, param, words in the message)
     ({"temperature": -1}, 400, "temperature", "greater than or equal to 0"),
     ({"top_p": 0}, 400, "top_p", "greater than 0"),
+    ({"temperature": 1e-300}, 400, "temperature", "0 (greedy) or at least"),
     ({"top_p": 1.5}, 400, "top_p", "less than or equal to 1"),
     ({"max_tokens": MAX_SEQ_LEN}, 400, "max_tokens", "max_seq_len=1024"),
     ({"max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),

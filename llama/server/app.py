@@ -64,8 +64,8 @@ class Run:
             self.handles = engine.submit_many([dataclasses.replace(j, on_output=sink(i)) for i, j in enumerate(jobs)])
         except QueueFull as e:
             raise APIError(503, str(e), code="queue_full", type="server_error", headers={"Retry-After": "1"})
-        except ValueError as e:
-            raise bad(str(e), "prompt")
+        except ValueError as e:  # its first word names the field
+            raise bad(str(e), str(e).split()[0])
         except RuntimeError as e:  # the engine has stopped
             raise APIError(503, f"not serving: {e}", code="unavailable", type="server_error")
 
