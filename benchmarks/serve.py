@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import uvicorn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SHAPES, TOKENIZER, fast_decoder, no_eos, random_model  # noqa: E402
@@ -37,6 +38,7 @@ from llama import Llama  # noqa: E402
 from llama.config import ModelArgs  # noqa: E402
 from llama.distributed import choose_device, init_model_parallel, shutdown  # noqa: E402
 from llama.engine import Engine  # noqa: E402
+from llama.server import create_app  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
@@ -111,10 +113,6 @@ class Serving:
     """The engine and the app under uvicorn in a thread of this process."""
 
     def __init__(self, llama: Llama, max_queue: int):
-        import uvicorn
-
-        from llama.server import create_app
-
         self.engine = Engine(llama, max_queue).start()
         config = uvicorn.Config(create_app(self.engine, MODEL), host="127.0.0.1", port=0, log_level="warning",
                                 access_log=False)
