@@ -97,8 +97,9 @@ class Llama:
         return self.model.rope.device
 
     @contextmanager
-    def _exclusive(self):
-        """Holds the model for one request; other threads wait their turn."""
+    def exclusive(self):
+        """Holds the model for the calling thread until the block ends (one request, or an
+        engine that runs the model itself); other threads' calls wait their turn."""
         me = threading.get_ident()
         if self._holder == me:
             raise RuntimeError("this thread holds an unfinished stream of this Llama: read it to the end (or close "
@@ -112,7 +113,7 @@ class Llama:
 
     def _run(self, prompts, options: Options):
         params = self.model.params
-        with self._exclusive(), torch.inference_mode():
+        with self.exclusive(), torch.inference_mode():
             return decoding.run(self.decoder, self.tokenizer, prompts, options, params.max_seq_len,
                                 params.max_batch_size, self.device)
 
@@ -124,7 +125,7 @@ class Llama:
                                                   self.device))
 
     def _held(self, make) -> Iterator[str]:
-        with self._exclusive():
+        with self.exclusive():
             yield from make()
 
     @torch.inference_mode()

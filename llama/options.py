@@ -38,8 +38,9 @@ class Options:
         if self.max_gen_len is not None and (not isinstance(self.max_gen_len, int) or isinstance(self.max_gen_len, bool)
                                              or self.max_gen_len < 0):
             raise ValueError(f"max_gen_len must be an int >= 0, got {self.max_gen_len!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
         object.__setattr__(self, "stop", tuple(validate_stop(self.stop)))
 
     def gen_len(self, max_seq_len: int) -> int:

@@ -46,8 +46,11 @@ class TextStream:
     half a UTF-8 character, and never the start of what may be a stop string.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = (), after: Sequence[int] = ()):
+        """`after`: tokens the text follows (a prompt, for an echo): decoded with the first new
+        tokens so that their leading space stays, never part of the text."""
         self.tokenizer = tokenizer
+        self._after = list(after)
         self.stops = list(stops)
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.tokens: List[int] = []
@@ -63,8 +66,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.tokens.append(token)
-        before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
-        after = self.tokenizer.decode(self.tokens[self._prefix :])
+        before, after = self._decode(self._read), self._decode(len(self.tokens))
         if len(after) <= len(before) or after.endswith("\ufffd"):  # an unfinished UTF-8 character
             return ""
         searched_from = max(0, len(self.text) - self.longest_stop + 1)
@@ -84,8 +86,8 @@ class TextStream:
         """The rest of the text, once no more tokens will come (an unfinished character too)."""
         if not self.stopped and self._read < len(self.tokens):
             searched_from = max(0, len(self.text) - self.longest_stop + 1)
-            before = self.tokenizer.decode(self.tokens[self._prefix : self._read])
-            self.text += self.tokenizer.decode(self.tokens[self._prefix :])[len(before) :]
+            before = self._decode(self._read)
+            self.text += self._decode(len(self.tokens))[len(before) :]
             self._read = len(self.tokens)
             self.ends += [len(self.text)] * (len(self.tokens) - len(self.ends))
             cut = find_stop(self.text, self.stops, searched_from) if self.stops else None
@@ -97,6 +99,11 @@ class TextStream:
     def tokens_before_stop(self) -> int:
         """How many tokens have their text wholly in the (cut) text."""
         return sum(1 for end in self.ends if end <= len(self.text)) if self.stopped else len(self.tokens)
+
+    def _decode(self, end: int) -> str:
+        """The text of tokens[_prefix:end], after `after` while nothing has settled past it."""
+        head = self._after if self._prefix == 0 else []
+        return self.tokenizer.decode(head + self.tokens[self._prefix : end])
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:

@@ -87,9 +87,10 @@ def free_port() -> int:
 MP_ON_CUDA = os.environ.get("LLAMA_TEST_MP_DEVICE", "cpu") == "cuda"
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300, stdin=None) -> subprocess.CompletedProcess:
-    """Runs `python -m torch.distributed.run` with `nproc` gloo processes on CPU (or, with
-    LLAMA_TEST_MP_DEVICE=cuda, NCCL processes on GPUs; skipped when there are too few)."""
+def torchrun_command(nproc: int, *args: str):
+    """(command, environment) of `python -m torch.distributed.run` with `nproc` gloo processes
+    on CPU (or, with LLAMA_TEST_MP_DEVICE=cuda, NCCL processes on GPUs; skipped when there are
+    too few)."""
     if MP_ON_CUDA and nproc > torch.cuda.device_count():
         pytest.skip(f"needs {nproc} GPUs, {torch.cuda.device_count()} visible")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -98,4 +99,10 @@ def torchrun(nproc: int, *args: str, timeout: int = 300, stdin=None) -> subproce
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     if not MP_ON_CUDA:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return cmd, env
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300, stdin=None) -> subprocess.CompletedProcess:
+    """Runs `torchrun_command(nproc, *args)` to its end."""
+    cmd, env = torchrun_command(nproc, *args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, stdin=stdin)

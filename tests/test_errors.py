@@ -17,6 +17,7 @@ from llama import Llama
         (lambda g: g.text_completion(["a"], top_p=0), ValueError, r"top_p must be in \(0, 1\]"),
         (lambda g: g.text_completion(["a"], top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
         (lambda g: g.text_completion(["a"], max_gen_len=-1), ValueError, "max_gen_len must be an int >= 0"),
+        (lambda g: g.text_completion(["a"], seed=2**64), ValueError, r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
         (lambda g: g.generate([[]], max_gen_len=3), ValueError, "prompt 0 is empty"),
         (lambda g: g.generate([[1, 99999]], max_gen_len=3), ValueError, "not token ids"),
         (lambda g: g.chat_completion([]), ValueError, "no dialogs given"),

@@ -9,7 +9,7 @@ recorded by `prepare` before the first request, so no step of an answer waits fo
 
 import time
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -97,8 +97,21 @@ class FastDecoder:
         self._pool = None
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, prefill: bool = False,
-             last_only: bool = True) -> torch.Tensor:
-        return self.model.logits(tokens, StepAt(None, positions, kv_len, self.model.rope, prefill), last_only)
+             last_only: bool = True, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of `tokens` (bs, seqlen) at `positions` of cache rows `rows` (None: 0 .. bs - 1),
+        as `StepAt` places them; of the last position only with `last_only`."""
+        return self.model.logits(tokens, StepAt(rows, positions, kv_len, self.model.rope, prefill), last_only)
+
+    @torch.inference_mode()
+    def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One token for each of cache rows 0 .. bs - 1, each at its own position: tokens and
+        positions (bs, 1), attending over [0, kv_len) (at least every position + 1); logits
+        (bs, 1, vocab). With CUDA graphs, the bucket's graph is replayed: its rows past bs then
+        write position 0 of their own cache rows, which must hold no request (and `prepare` must
+        have recorded the graphs)."""
+        if self.cuda_graphs:
+            return self._replay(tokens, positions)
+        return self.step(tokens, positions, kv_len)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, start_pos: int, all_logits: bool) -> torch.Tensor:
@@ -110,14 +123,22 @@ class FastDecoder:
         kv_len = seqlen if start_pos == 0 else kv_bucket(start_pos + seqlen, max_seq_len)
         return self.step(tokens, positions, kv_len, prefill=start_pos == 0, last_only=not all_logits)
 
-    def _replay(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def _replay(self, tokens: torch.Tensor, positions: Union[int, torch.Tensor]) -> torch.Tensor:
+        """The step of `tokens` (bs, 1) at one position for all rows (an int) or at each row's
+        own (a (bs, 1) tensor), replayed in the graph of bs's bucket."""
         bs = tokens.shape[0]
         size = self.bucket(bs)
         g = self.graphs.get(size)
         if g is None:
-            g = self.graphs[size] = self._capture(size, start_pos)
+            if not isinstance(positions, int):  # a capture would write over the rows' positions
+                raise RuntimeError(f"no CUDA graph recorded for batch size {size}: call prepare() first")
+            g = self.graphs[size] = self._capture(size, positions)
         g.tokens[:bs].copy_(tokens)
-        g.positions.fill_(start_pos)
+        if isinstance(positions, int):
+            g.positions.fill_(positions)
+        else:
+            g.positions[:bs].copy_(positions)
+            g.positions[bs:].zero_()
         g.graph.replay()
         return g.logits[:bs]
 
