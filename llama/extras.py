@@ -1,12 +1,14 @@
 """The package's name on PyPI and its optional parts: which extra brings which packages, and
 the one way a missing one is reported."""
 
+import re
+
 DISTRIBUTION = "llama2-inference"  # `pip install llama2-inference`; the import name is `llama`
 
 # extra -> the packages it installs (pyproject.toml's optional-dependencies say the same; a test checks)
 EXTRAS = {
     "hf": ("safetensors",),
-    "server": ("fastapi", "uvicorn"),
+    "server": ("fastapi>=0.165", "uvicorn>=0.30"),
 }
 
 
@@ -17,4 +19,5 @@ def install_hint(extra: str) -> str:
 
 def needs(what: str, extra: str) -> str:
     """The message for a missing optional package: `what` needs `extra`'s packages."""
-    return f"{what} needs {' and '.join(EXTRAS[extra])}, from the '{extra}' extra: {install_hint(extra)}"
+    names = [re.split(r"[<>=!~ ]", p)[0] for p in EXTRAS[extra]]
+    return f"{what} needs {' and '.join(names)}, from the '{extra}' extra: {install_hint(extra)}"
