@@ -130,7 +130,7 @@ def init_model_parallel(model_parallel_size: Optional[int], device: torch.device
         _quietly(fs_init.initialize_model_parallel, model_parallel_size)
         for group in (fs_init.get_model_parallel_group(), fs_init.get_data_parallel_group(),
                       fs_init.get_pipeline_parallel_group()):
-            with contextlib.suppress(RuntimeError):  # a backend without it keeps torch's default
+            with contextlib.suppress(RuntimeError, AttributeError):  # a backend (or torch) without it: torch's default
                 group.set_timeout(limit)  # fairscale's groups get torch's defaults (10 or 30 minutes)
         global _patient
         if world_size > 1 and _patient is None:
