@@ -24,6 +24,9 @@ HD128 = {"dim": 256, "multiple_of": 64, "n_heads": 2, "n_kv_heads": 1, "n_layers
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "multiproc" in item.keywords:  # several processes (torchrun): slow by nature
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
