@@ -90,7 +90,7 @@ def _prog() -> str:
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None) or ""
     if name.startswith("llama."):
-        return f"python -m {name}"
+        return f"python -m {name.removesuffix('.__main__')}"  # a package run with -m
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "llama"
 
 
