@@ -20,6 +20,8 @@ from llama import quant  # noqa: E402
 from llama.kernels import reference as R  # noqa: E402
 from llama.model import rope_table  # noqa: E402
 
+# On a CUDA machine these are GPU tests (`-m gpu` selects them); elsewhere they run in the interpreter.
+pytestmark = [pytest.mark.gpu] if CUDA else []
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float16
 
