@@ -52,7 +52,9 @@ def clients(url: str, jobs: list, concurrency: int) -> list:
     """Runs the jobs from `concurrency` concurrent clients in another process (serve_clients.py); their records."""
     script = Path(__file__).parent / "serve_clients.py"
     res = subprocess.run([sys.executable, str(script), "--url", url, "--model", MODEL, "--concurrency", str(concurrency)],
-                         input=json.dumps(jobs), capture_output=True, text=True, check=True)
+                         input=json.dumps(jobs), capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"serve_clients.py failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
     return json.loads(res.stdout)
 
 
