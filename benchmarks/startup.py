@@ -9,7 +9,10 @@ is in the page cache, then times, in this order:
    of loading, the faithful loop) under torchrun;
 2. ours, `example_chat_completion.py` as written, under torchrun, with an empty start-up
    cache (first run on a machine), then again (later runs);
-3. `benchmarks/first_token.py` with an empty cache and again: seconds from process start to
+   then under plain python (no torchrun launcher), and under `benchmarks/timeline.py`
+   (when each stage ended);
+3. `benchmarks/first_token.py` with an empty cache, again, and with an empty cache and the
+   kernels compiled one at a time (LLAMA_COMPILE_THREADS=1): seconds from process start to
    imported, built and first token, and every step of a 2000-token greedy generation
    (slowest / median).
 """
@@ -86,14 +89,28 @@ def main():
                        *EXAMPLE, *extra)
     results["ours_first"], _ = timed(example, env_cache, "ours, example, first run (empty start-up cache)")
     results["ours_later"], _ = timed(example, env_cache, "ours, example, later run")
+    direct = [sys.executable, "example_chat_completion.py", *example[example.index("example_chat_completion.py") + 1:]]
+    results["ours_python"], _ = timed(direct, env_cache, "ours, example under plain python (no torchrun), later run")
+    timeline = example[:]
+    timeline.insert(timeline.index("example_chat_completion.py"), "benchmarks/timeline.py")
+    env_t = dict(env_cache, LAUNCH_T=repr(time.time()))
+    wall, res = timed(timeline, env_t, "ours, example under benchmarks/timeline.py, later run")
+    line = next((x for x in res.stderr.splitlines() if x.startswith("MARKS ")), None)
+    if line:
+        stages = dict(json.loads(line[6:]), **{"launcher ended": wall})
+        print("   timeline (s since torchrun started): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()),
+              flush=True)
     shutil.rmtree(cache_dir)
     marks = {}
     cache_dir = Path(tempfile.mkdtemp(prefix="llama-cache-"))
     env_cache = dict(env, LLAMA_CACHE=str(cache_dir))
-    for run in ("first", "later"):
+    serial_dir = Path(tempfile.mkdtemp(prefix="llama-cache-"))
+    runs = {"first": env_cache, "later": env_cache,
+            "first, kernels compiled one at a time": dict(env, LLAMA_CACHE=str(serial_dir), LLAMA_COMPILE_THREADS="1")}
+    for run, env_run in runs.items():
         t0 = time.time()
         res = subprocess.run([sys.executable, "benchmarks/first_token.py", "--ckpt_dir", str(ckpt), "--tokens",
-                              str(a.tokens), *extra], cwd=REPO, env=env_cache, capture_output=True, text=True)
+                              str(a.tokens), *extra], cwd=REPO, env=env_run, capture_output=True, text=True)
         spawn = time.time() - t0
         line = next((x for x in res.stdout.splitlines() if x.startswith("MARKS ")), None)
         if line is None:
@@ -107,12 +124,13 @@ def main():
         print(f"first_token.py, {run} run: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) +
               f" (process {spawn:.1f} s)", flush=True)
     shutil.rmtree(cache_dir)
+    shutil.rmtree(serial_dir)
     print()
     print("| run | wall clock s | vs reference-style |")
     print("|---|---|---|")
     ref = results.get("reference")
     for key, label in (("reference", "reference-style example"), ("ours_first", "ours, first run"),
-                       ("ours_later", "ours, later run")):
+                       ("ours_later", "ours, later run"), ("ours_python", "ours, later run, plain python")):
         if key in results:
             ratio = f"1/{ref / results[key]:.1f}" if ref and key != "reference" else "-"
             print(f"| {label} | {results[key]:.1f} | {ratio} |")

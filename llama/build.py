@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from llama import cache, distributed, fast, memory, quant
+from llama import cache, distributed, fast, kernels, memory, quant
 from llama.checkpoint import Checkpoint, check_split, open_checkpoint
 from llama.config import choose_group
 from llama.fast import FaithfulDecoder, FastDecoder
@@ -122,10 +122,12 @@ def build(ckpt_dir, tokenizer_path: str, opts: BuildOptions):
     args.max_seq_len, args.max_batch_size = opts.max_seq_len, opts.max_batch_size
     memory.check_fits(args, dtype, mp_size, dev, spec=spec, loading=quantizing)
 
+    use_fast = dev.type == "cuda" if opts.fast is None else opts.fast
+    if use_fast:
+        kernels.preload(dev)  # Triton's once-a-process work, while the weights load
     model = load_model(ckpt, mp_rank, mp_size, dev, dtype, spec, quantizing)
     distributed.wait_for_all()  # the slowest rank's loading is not a timeout
     model.setup_cache(opts.max_batch_size, opts.max_seq_len, dev, dtype)
-    use_fast = dev.type == "cuda" if opts.fast is None else opts.fast
     decoder = finish_model(model, dtype, spec, use_fast)
     if isinstance(decoder, FastDecoder) and decoder.cuda_graphs:
         prepare(decoder)

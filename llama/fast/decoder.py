@@ -5,6 +5,8 @@ runs the same modules (transformed by `llama.fast.transform`) with a static-shap
 `StepAt`; on CUDA every single-token step is a CUDA graph, replayed: one per batch-size
 bucket (1, 2, 4, ... up to max_batch_size, smaller batches padded to their bucket), all
 recorded by `prepare` before the first request, so no step of an answer waits for one.
+`prepare` first runs each step once with its kernels compiling side by side instead of
+running (`llama.kernels.ahead`), so that a first run on a machine compiles them at once.
 """
 
 import time
@@ -13,6 +15,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from llama import kernels
 from llama.fast.step import StepAt
 from llama.model import Transformer
 
@@ -77,13 +80,27 @@ class FastDecoder:
         overwrites before reading."""
         t0 = time.time()
         if self.cuda_graphs:
-            self.step(torch.zeros((1, 2), dtype=torch.long, device=self.device),
-                      torch.arange(2, device=self.device)[None], 2, prefill=True)
+            with kernels.compiling_ahead():  # every kernel of the steps below, compiled side by side
+                self._prefill_check()
+                for bs in self.buckets():
+                    if bs not in self.graphs:
+                        self.step(*self._inputs(bs, 0), self.model.params.max_seq_len)
+            self._prefill_check()
             for bs in self.buckets():
                 if bs not in self.graphs:
                     self.graphs[bs] = self._capture(bs, start_pos=0)
             torch.cuda.synchronize(self.device)
         return time.time() - t0
+
+    def _prefill_check(self) -> None:
+        """A two-token prefill at cache positions 0..1 of row 0 (its kernels made ready)."""
+        self.step(torch.zeros((1, 2), dtype=torch.long, device=self.device),
+                  torch.arange(2, device=self.device)[None], 2, prefill=True)
+
+    def _inputs(self, bs: int, start_pos: int):
+        """Static decode inputs: tokens (bs, 1) of 0 and positions (bs, 1) of start_pos."""
+        return (torch.zeros((bs, 1), dtype=torch.long, device=self.device),
+                torch.full((bs, 1), start_pos, dtype=torch.long, device=self.device))
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Reallocates the model's cache for other sizes; the recorded graphs point at the old one."""
@@ -145,8 +162,7 @@ class FastDecoder:
     def _capture(self, bs: int, start_pos: int) -> _Graph:
         """Records a decode step at batch size `bs`. Warm-up runs write only cache position
         `start_pos` of rows 0..bs-1, which the real step overwrites before anything reads it."""
-        tokens = torch.zeros((bs, 1), dtype=torch.long, device=self.device)
-        positions = torch.full((bs, 1), start_pos, dtype=torch.long, device=self.device)
+        tokens, positions = self._inputs(bs, start_pos)
         kv_len = self.model.params.max_seq_len
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

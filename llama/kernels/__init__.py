@@ -11,7 +11,9 @@ than a whole example run; these kernels are compiled once per machine by Triton,
 on disk (`llama.cache`), and each decode step is replayed as one CUDA graph.
 """
 
+import contextlib
 import importlib.util
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -42,6 +44,27 @@ def _triton():
 
 
 _TRITON = None
+_PRELOAD: Optional[threading.Thread] = None
+
+
+def preload(device: torch.device) -> None:
+    """Starts importing the Triton kernels, and what Triton does once a process before its first
+    kernel, in a thread: to run while the weights load (once; nothing without CUDA and Triton)."""
+    global _PRELOAD
+    if _PRELOAD is None and device.type == "cuda" and available():
+        _PRELOAD = threading.Thread(target=lambda: _triton().warm_up(device), name="llama-triton-preload",
+                                    daemon=True)
+        _PRELOAD.start()
+
+
+def compiling_ahead():
+    """A context within which the Triton kernels launched (from this thread) are compiled, many
+    at a time, instead of run (`llama.kernels.ahead`); nothing happens differently without them."""
+    if not available():
+        return contextlib.nullcontext()
+    if _PRELOAD is not None:
+        _PRELOAD.join()
+    return _triton().compiling()
 
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16)

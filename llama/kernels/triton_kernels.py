@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from llama.kernels import tuning
+from llama.kernels.ahead import compiling, launch, warm_up  # noqa: F401 (compiling, warm_up: for llama.kernels)
 
 # float32 bit patterns: 2^23 + u for 0 <= u < 2^23
 MAGIC = tl.constexpr(0x4B000000)
@@ -163,7 +164,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str, gated: bool, 
     block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
     s_stride = scale.stride(0) if scale is not None and scale.dim() == 2 else 0
     g, eps = norm if norm is not None else (x, 0.0)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    launch(_gemv_kernel, (triton.cdiv(n, block_n),))(
         x, g, eps, w, scale if scale is not None else w, zeros if zeros is not None else w,
         residual if residual is not None else y, y, n, k, n if gated else 0, s_stride,
         FMT=FORMATS[fmt], GATED=gated, GROUP=group if fmt == "int4" else 1, NORM=norm is not None,
@@ -218,7 +219,7 @@ def qmm(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str, group: int = 1
     cfg = tuning.qmm_config(fmt, m, n, k, group)
     s_stride = scale.stride(0) if scale.dim() == 2 else 0
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _qmm_kernel[grid](x, w, scale, zeros if zeros is not None else scale, y, m, n, k, s_stride,
+    launch(_qmm_kernel, grid)(x, w, scale, zeros if zeros is not None else scale, y, m, n, k, s_stride,
                       FMT=FORMATS[fmt], GROUP=group if fmt == "int4" else 1, BLOCK_M=cfg["BLOCK_M"],
                       BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
                       num_stages=cfg["num_stages"])
@@ -261,7 +262,7 @@ def dequantize(w: torch.Tensor, scale, zeros, fmt: str, group: int, dtype: torch
     out = torch.empty((n, k), dtype=dtype, device=w.device)
     s_stride = scale.stride(0) if scale.dim() == 2 else 0
     block_n, block_k = 16, 256
-    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+    launch(_dequant_kernel, (triton.cdiv(n, block_n), triton.cdiv(k, block_k)))(
         w[lo:hi], scale[lo:hi], (zeros if zeros is not None else scale)[lo:hi], out, n, k, s_stride,
         FMT=FORMATS[fmt], GROUP=group if fmt == "int4" else 1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
@@ -300,7 +301,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     rows = x.numel() // d
     block = triton.next_power_of_2(d)
-    _rms_norm_kernel[(rows,)](x, weight, y, d, eps, BLOCK=block, num_warps=max(1, min(16, block // 512)))
+    launch(_rms_norm_kernel, (rows,))(x, weight, y, d, eps, BLOCK=block, num_warps=max(1, min(16, block // 512)))
     return y
 
 
@@ -320,7 +321,7 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     rows = y.numel() // y.shape[-1]
     out = torch.empty((*y.shape[:-1], h), dtype=y.dtype, device=y.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(h, block))](y, out, h, BLOCK=block, num_warps=4)
+    launch(_silu_mul_kernel, (rows, triton.cdiv(h, block)))(y, out, h, BLOCK=block, num_warps=4)
     return out
 
 
@@ -377,7 +378,7 @@ def rope_and_store(xq, xk, xv, rope, positions, kv, rows):
     ko = torch.empty((bs, seqlen, hkv, d), dtype=xk.dtype, device=xk.device)
     positions = positions.contiguous()
     pos_row_stride = positions.stride(0) if positions.shape[0] > 1 else 0
-    _rope_store_kernel[(bs * seqlen, h + hkv)](
+    launch(_rope_store_kernel, (bs * seqlen, h + hkv))(
         xq, xk, xv, rope, positions, rows if rows is not None else positions, kv, qo, ko,
         seqlen, pos_row_stride, *strides, kv.stride(1), kv.stride(2), kv.stride(0), h, hkv,
         HAS_ROWS=rows is not None, HALF_D=d // 2, num_warps=1)
@@ -455,11 +456,11 @@ def decode_attention(xq, kv, rows, positions) -> torch.Tensor:
     ml = torch.empty((bs, h, splits, 2), dtype=torch.float32, device=xq.device)
     positions = positions.contiguous()
     scale = 1.4426950408889634 / d**0.5  # log2(e) / sqrt(head_dim): softmax in base 2
-    _decode_attn_kernel[(bs, hkv, splits)](
+    launch(_decode_attn_kernel, (bs, hkv, splits))(
         q, kv, positions, rows if rows is not None else positions, part, ml,
         positions.stride(0) if positions.shape[0] > 1 else 0, kv.stride(1), kv.stride(2), kv.stride(0), scale,
         h, hkv, splits, chunk, HAS_ROWS=rows is not None, N_REP=n_rep, BLOCK_H=max(16, triton.next_power_of_2(n_rep)),
         D=d, BLOCK_S=block_s, num_warps=4)
     out = torch.empty((bs, 1, h, d), dtype=xq.dtype, device=xq.device)
-    _combine_kernel[(bs * h,)](part, ml, out, splits, BLOCK_SPLITS=triton.next_power_of_2(splits), D=d, num_warps=2)
+    launch(_combine_kernel, (bs * h,))(part, ml, out, splits, BLOCK_SPLITS=triton.next_power_of_2(splits), D=d, num_warps=2)
     return out
