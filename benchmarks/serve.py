@@ -8,8 +8,8 @@ In one run: the static batch `generate` throughput at the largest client count (
 EOS, the same prompts and lengths); then the server (the engine and the FastAPI app under
 uvicorn, in this process) with 1/8/32/64 concurrent streaming clients (serve_clients.py, in
 another process), each sending `--requests` fixed-length prompts one after another for
-fixed-length answers: aggregate tokens/s, time to first token and time between tokens (p50 /
-p99), and the ratio of the largest count's aggregate to the static batch's (floor: 0.8).
+fixed-length answers: aggregate tokens/s, time to first token and time between streamed
+chunks (about one token each; p50 / p99), and the ratio of the largest count's aggregate to the static batch's (floor: 0.8).
 Warm-up rounds are not timed. `--soak N`: N requests of random lengths from as many clients as slots, a
 `--disconnect` fraction of them dropped by their client mid-stream; then no slot may be
 held, GPU memory must be where it was, and every finished answer must be the model's greedy
@@ -70,16 +70,14 @@ def percentile(xs, q: float) -> float:
 
 
 def summarize(records: list) -> dict:
-    """Aggregate tokens/s over the round's span; TTFT per request; time between tokens (a chunk
-    that carries k tokens counts its gap as k gaps of gap / k)."""
+    """Aggregate tokens/s (the usage's completion tokens) over the round's span; TTFT per
+    request; time between chunks of text (each carries one token, unless the text of a token
+    waits for the next one's, as a UTF-8 character split over byte tokens does)."""
     done = [r for r in records if r["times"]]
-    tokens = sum(len(t) for r in done for t in r["tokens"])
+    tokens = sum(r["completion_tokens"] or 0 for r in done)
     span = max(r["end"] for r in done) - min(r["start"] for r in done)
     ttft = [r["times"][0] - r["start"] for r in done]
-    tbt = []
-    for r in done:
-        for prev, now, toks in zip(r["times"], r["times"][1:], r["tokens"][1:]):
-            tbt += [(now - prev) / len(toks)] * len(toks)
+    tbt = [now - prev for r in done for prev, now in zip(r["times"], r["times"][1:])]
     return {"requests": len(done), "tokens": tokens, "tok_s": tokens / span,
             "ttft_ms": (1e3 * percentile(ttft, 50), 1e3 * percentile(ttft, 99)),
             "tbt_ms": (1e3 * percentile(tbt, 50), 1e3 * percentile(tbt, 99))}
@@ -169,7 +167,8 @@ def soak(llama: Llama, serving: Serving, n: int, disconnect: float, prompt_len: 
     rng = random.Random(seed)
     jobs = []
     for _ in range(n):
-        job = {"prompt": prompt_of(rng.randint(2, prompt_len), rng), "max_tokens": rng.randint(1, new_tokens)}
+        job = {"prompt": prompt_of(rng.randint(2, prompt_len), rng), "max_tokens": rng.randint(1, new_tokens),
+               "logprobs": True}
         if rng.random() < disconnect:
             job["drop_after"] = rng.randint(1, job["max_tokens"])
         jobs.append(job)
@@ -242,7 +241,7 @@ def main():
     print()
     print(f"{a.model} on {name}; prompt {a.prompt_len} tokens, {a.new_tokens} new, greedy, streamed; "
           f"{a.requests} requests per client")
-    print("| clients | aggregate tok/s | TTFT p50 / p99 ms | time between tokens p50 / p99 ms |")
+    print("| clients | aggregate tok/s | TTFT p50 / p99 ms | time between chunks p50 / p99 ms |")
     print("|---|---|---|---|")
     for c, r in rows.items():
         print(f"| {c} | {r['tok_s']:.0f} | {r['ttft_ms'][0]:.0f} / {r['ttft_ms'][1]:.0f} | "

@@ -2,12 +2,13 @@
 
     python benchmarks/serve_clients.py --url http://127.0.0.1:8000 --model NAME --concurrency 64 < jobs.json
 
-Reads a JSON list of jobs ({"prompt", "max_tokens", "drop_after": chunks after which the
-client hangs up, or absent}) from stdin; `--concurrency` clients take them in turn, each
-streaming greedy completions (logprobs=0, so each chunk says which tokens it carries).
-Writes one record per job to stdout, as JSON: the send time, each chunk's arrival time and
-tokens, the finish reason, whether the client hung up, and the end time (perf_counter
-seconds of this process). Needs httpx only; runs apart from the server so that the
+Reads a JSON list of jobs ({"prompt", "max_tokens", "logprobs": true to ask for each
+token's logprob (then each chunk says which tokens it carries), "drop_after": chunks after
+which the client hangs up, or absent}) from stdin; `--concurrency` clients take them in
+turn, each streaming greedy completions with the usage at the end. Writes one record per
+job to stdout, as JSON: the send time, each chunk's arrival time (and tokens, with
+logprobs), the finish reason, the completion tokens the usage counted, whether the client
+hung up, and the end time (perf_counter seconds of this process). Needs httpx only; runs apart from the server so that the
 clients' Python does not share the server's.
 """
 
@@ -22,8 +23,11 @@ import httpx
 
 async def one_request(http: httpx.AsyncClient, url: str, model: str, job: dict) -> dict:
     body = {"model": model, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0,
-            "stream": True, "logprobs": 0}
-    rec = {"start": time.perf_counter(), "times": [], "tokens": [], "finish": None, "dropped": False}
+            "stream": True, "stream_options": {"include_usage": True}}
+    if job.get("logprobs"):
+        body["logprobs"] = 0
+    rec = {"start": time.perf_counter(), "times": [], "tokens": [], "finish": None, "dropped": False,
+           "completion_tokens": None}
     async with http.stream("POST", url + "/v1/completions", json=body) as response:
         if response.status_code != 200:
             rec["finish"] = f"http {response.status_code}"
@@ -31,11 +35,19 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, job: dict) 
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choice = json.loads(line[6:])["choices"][0]
-                tokens = choice["logprobs"]["tokens"] if choice["logprobs"] else []
-                if tokens:
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    rec["completion_tokens"] = chunk["usage"]["completion_tokens"]
+                if not chunk["choices"]:
+                    continue
+                choice = chunk["choices"][0]
+                if choice["logprobs"]:
+                    tokens = choice["logprobs"]["tokens"]
+                    if tokens:
+                        rec["times"].append(time.perf_counter())
+                        rec["tokens"].append(tokens)
+                elif choice["text"]:
                     rec["times"].append(time.perf_counter())
-                    rec["tokens"].append(tokens)
                 rec["finish"] = choice["finish_reason"] or rec["finish"]
                 if job.get("drop_after") is not None and len(rec["times"]) >= job["drop_after"]:
                     rec["dropped"] = True

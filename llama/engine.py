@@ -1,12 +1,19 @@
 """The serving engine: one thread runs the model over a batch that requests join and leave.
 
 Each cache row of the model is a slot. A submitted `Request` waits in a bounded queue
-until a slot is free; then its prompt is prefilled alone into that slot's row, and from
-the next decode step on it decodes with every other running request, one token a step,
-each at its own position and with its own sampling options, stop strings and length
-(continuous batching: at most one prefill runs between two decode steps). A request
-leaves at EOS, a stop string, its length, or when cancelled; its slot is free for the
-next one from the following step.
+until a slot is free; then its prompt is prefilled into that slot's row (the requests
+admitted together in one forward), and from the next decode step on it decodes with every
+other running request, one token a step, each at its own position and with its own
+sampling options, stop strings and length (continuous batching: at most one prefill runs
+between two decode steps). A request leaves at EOS, a stop string, its length, or when
+cancelled; its slot is free for the next one from the following step.
+
+The host never waits for the device between steps: each step's tokens are chosen on the
+device, where the next step reads them, and while a step runs the engine takes in the one
+before it (text, stop strings, outputs). A request that ends at a step (EOS, a stop string)
+has its row computed once more in the step already launched; that result is dropped. A
+request whose sampler reads its history (a repetition penalty) makes the engine take each
+step in before launching the next.
 
 Answers are those of `Llama.generate` and friends: the same samplers (`llama.sampling`),
 a request's own `torch.Generator` when seeded, stop strings and text pieces from
@@ -31,6 +38,7 @@ from llama.options import Options
 from llama.streaming import TextStream
 
 MAX_TOP_LOGPROBS = 20
+PREFILL_TOKENS = 4096  # prompt tokens prefilled together at most (a longer prompt goes alone)
 # Sampling values this close to 0 (the penalty: or beyond its inverse) overflow float32 logits
 # into NaN probabilities, which on CUDA end in a device-side assert: the engine refuses them.
 SANE = 1e-6
@@ -168,13 +176,15 @@ class _Running:
         self.stream = TextStream(tokenizer, self.options.stop, after=self.prompt if self.options.echo else ())
         self.base = len(tokenizer.decode(self.prompt)) if self.options.echo else 0  # offsets start after the echo
         self.sent = 0  # generated tokens already in outputs
+        self.launched = 0  # tokens chosen on the device (the generated ones and those on their way)
+        self.needs_history = self.sampler.repetition_penalty != 1.0
 
     @property
     def batch_key(self):
         """Requests with equal keys are sampled together; None: alone (own RNG, or a penalty
         that reads its own history)."""
         s = self.sampler
-        if s.repetition_penalty != 1.0:
+        if self.needs_history:
             return None
         if s.temperature == 0:
             return ("greedy",)
@@ -205,6 +215,8 @@ class Engine:
         self.lockstep = Lockstep(llama.model, llama.decoder)
         self.device = self.lockstep.device
         self._slots: List[Optional[_Running]] = [None] * self.max_batch_size
+        self._next = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # each row's next input
+        self._inflight: List[_Launched] = []  # launched steps not yet taken in
         self._waiting: Deque[Handle] = deque()
         self._count = 0  # waiting + running
         self._cond = threading.Condition()
@@ -313,9 +325,11 @@ class Engine:
                 self.lockstep.close()
 
     def _step(self) -> bool:
-        """One turn: admit at most one waiting request (its prefill), then one decode step."""
+        """One turn: admit the waiting requests that fit (one prefill for them all), launch a
+        decode step for every running request, then take in the step before it (whose tokens
+        are ready by now) while this one runs on the device."""
         with self._cond:
-            while not self._closing and not self._waiting and not any(self._slots):
+            while not self._closing and not self._waiting and not any(self._slots) and not self._inflight:
                 self._cond.wait()
             if self._closing:
                 return False
@@ -324,64 +338,143 @@ class Engine:
             for run in self._slots:
                 if run is not None and run.handle.cancelled:
                     self._finish(run, CANCELLED)
-            if new is not None and self._slots[new.row] is new:  # (not cancelled meanwhile)
-                self._prefill(new)
-            if any(self._slots):
-                self._decode()
+            new = [r for r in new if self._slots[r.row] is r]  # (not cancelled meanwhile)
+            self._inflight += self._prefill(new) if new else []
+            if any(r.needs_history for r in self._slots if r is not None):
+                self._take_all()  # its sampler reads every token so far: none may be on its way
+            earlier, self._inflight = self._inflight, []
+            step = self._launch_decode()
+            if step is not None:
+                self._inflight.append(step)
+            for launched in earlier:  # while the step runs
+                self._take(launched)
         except Exception as e:  # the model failed: fail the running requests, keep serving
             traceback.print_exc(file=sys.stderr)
+            self._inflight = []
             for run in self._slots:
                 if run is not None:
                     self._finish(run, ERROR, error=f"{type(e).__name__}: {e}")
         return True
 
-    def _admit(self) -> Optional[_Running]:
-        """The first waiting request, in the lowest free slot (so decode batches stay compact)."""
-        if not self._waiting or all(self._slots):
-            return None
-        row = self._slots.index(None)
-        handle = self._waiting.popleft()
-        try:
-            run = _Running(handle, row, self.max_seq_len, self.tokenizer, self.device)
-        except Exception as e:  # (options are checked on submission; this is a last guard for the thread)
-            self._count -= 1
-            handle._put(Output(finish_reason=ERROR, error=f"{type(e).__name__}: {e}"))
-            return None
-        self._slots[row] = run
-        return run
+    def _admit(self) -> List[_Running]:
+        """Waiting requests, first come first served, into the lowest free slots (so decode
+        batches stay compact), as many as fit and whose prompts add up to at most
+        PREFILL_TOKENS (at least one)."""
+        admitted: List[_Running] = []
+        tokens = 0
+        while self._waiting and not all(self._slots):
+            n = len(self._waiting[0].request.prompt)
+            if admitted and tokens + n > PREFILL_TOKENS:
+                break
+            handle = self._waiting.popleft()
+            row = self._slots.index(None)
+            try:
+                run = _Running(handle, row, self.max_seq_len, self.tokenizer, self.device)
+            except Exception as e:  # (options are checked on submission; this is a last guard for the thread)
+                self._count -= 1
+                handle._put(Output(finish_reason=ERROR, error=f"{type(e).__name__}: {e}"))
+                continue
+            self._slots[row] = run
+            admitted.append(run)
+            tokens += n
+        return admitted
 
-    def _prefill(self, run: _Running) -> None:
-        opts = run.options
-        scored = opts.echo and opts.logprobs
-        if run.limit == 0 and not scored:
-            if opts.echo:
-                self._echo(run, None)
-            self._finish(run, LENGTH)
-            return
-        logits = self.lockstep.prefill(run.row, run.prompt, all_logits=scored)
-        if opts.echo:
-            self._echo(run, logits[:-1] if scored else None)
-        if run.limit == 0:
-            self._finish(run, LENGTH)
-            return
-        self._advance([run], logits[-1:])
+    def _prefill(self, runs: List[_Running]) -> List["_Launched"]:
+        """Prefills `runs` (those asking for the prompt's logprobs alone, the rest together) and
+        launches the sampling of their first tokens."""
+        launched = []
+        together = []
+        for run in runs:
+            opts = run.options
+            scored = opts.echo and opts.logprobs
+            if run.limit == 0 and not scored:
+                if opts.echo:
+                    self._echo(run, None)
+                self._finish(run, LENGTH)
+            elif scored:
+                logits = self.lockstep.prefill([run.row], [run.prompt], all_logits=True)
+                self._echo(run, logits[:-1])
+                if run.limit == 0:
+                    self._finish(run, LENGTH)
+                else:
+                    launched.append(self._launch_sampling([run], logits[-1:]))
+            else:
+                if opts.echo:
+                    self._echo(run, None)
+                together.append(run)
+        if together:
+            logits = self.lockstep.prefill([r.row for r in together], [r.prompt for r in together])
+            launched.append(self._launch_sampling(together, logits))
+        return launched
 
-    def _decode(self) -> None:
-        runs = [r for r in self._slots if r is not None]
+    def _launch_decode(self) -> Optional["_Launched"]:
+        """Launches one decode step for every running request with tokens left to generate."""
+        runs = [r for r in self._slots if r is not None and 0 < r.launched < r.limit]
+        if not runs:
+            return None
         bs = max(r.row for r in runs) + 1
-        tokens, positions = [0] * bs, [0] * bs  # rows without a request: token 0 at position 0
+        positions = [0] * bs  # rows without a request: position 0 of their own (free) cache row
         for r in runs:
-            tokens[r.row] = r.generated[-1] if r.generated else r.prompt[-1]
-            positions[r.row] = len(r.prompt) + len(r.generated) - 1
-        logits = self.lockstep.decode(tokens, positions)
+            positions[r.row] = len(r.prompt) + r.launched - 1
+        logits = self.lockstep.decode(self._next[:bs], positions)
         index = torch.tensor([r.row for r in runs], dtype=torch.long, device=logits.device)
-        self._advance(runs, logits[index])
+        return self._launch_sampling(runs, logits[index])
 
-    def _advance(self, runs: List[_Running], logits: torch.Tensor) -> None:
-        """Samples each run's next token from its row of `logits` (len(runs), vocab) and adds it."""
-        picks, lps, tops = self._sample(runs, logits)
+    def _launch_sampling(self, runs: List[_Running], logits: torch.Tensor) -> "_Launched":
+        """Launches the choice of each run's next token from its row of `logits` (len(runs),
+        vocab) and the copy of the tokens (and logprobs) to the host; each run's next step
+        reads its token on the device."""
+        picks = torch.empty(len(runs), dtype=torch.long, device=logits.device)
+        groups: Dict[object, List[int]] = {}
+        for j, run in enumerate(runs):
+            key = run.batch_key
+            if key is None:
+                history = run.history() if run.needs_history else None
+                picks[j] = run.sampler(logits[j : j + 1], history)[0]
+            else:
+                groups.setdefault(key, []).append(j)
+        for js in groups.values():
+            if len(js) == len(runs):
+                picks = runs[js[0]].sampler(logits, None)
+            else:
+                idx = torch.tensor(js, dtype=torch.long, device=logits.device)
+                picks[idx] = runs[js[0]].sampler(logits[idx], None)
+        rows = torch.tensor([r.row for r in runs], dtype=torch.long, device=logits.device)
+        self._next[rows] = picks
+        want = [j for j, run in enumerate(runs) if run.options.logprobs]
+        scores = None
+        if want:
+            idx = torch.tensor(want, dtype=torch.long, device=logits.device)
+            scores = _logprobs(logits[idx], picks[idx], max(runs[j].top for j in want))
+        for run in runs:
+            run.launched += 1
+        return _Launched(runs, want, _to_host(picks), None if scores is None else tuple(map(_to_host, scores)),
+                         _ready_event(logits.device))
+
+    def _take_all(self) -> None:
+        """Takes in every launched step, oldest first."""
+        inflight, self._inflight = self._inflight, []
+        for step in inflight:
+            self._take(step)
+
+    def _take(self, step: "_Launched") -> None:
+        """Adds a launched step's tokens to its runs (those still running): text, stop strings,
+        lengths, outputs."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        picks = step.picks.tolist()
+        lps: List[Optional[float]] = [None] * len(step.runs)
+        tops: List[Optional[list]] = [None] * len(step.runs)
+        if step.scores is not None:
+            chosen, values, ids = (t.tolist() for t in step.scores)
+            for n, j in enumerate(step.want):
+                lps[j] = chosen[n]
+                k = step.runs[j].top
+                tops[j] = list(zip(ids[n][:k], values[n][:k]))
         eos = self.tokenizer.eos_id
-        for run, token, lp, top in zip(runs, picks, lps, tops):
+        for run, token, lp, top in zip(step.runs, picks, lps, tops):
+            if self._slots[run.row] is not run:  # it ended while this step ran
+                continue
             if token == eos:
                 self._finish(run, STOP)
                 continue
@@ -399,39 +492,15 @@ class Engine:
                 if out.text or out.tokens:
                     run.handle._put(out)
 
-    def _sample(self, runs: List[_Running], logits: torch.Tensor):
-        """(tokens, logprobs or None, top alternatives or None) per run; one host sync."""
-        picks = torch.empty(len(runs), dtype=torch.long, device=logits.device)
-        groups: Dict[object, List[int]] = {}
-        for j, run in enumerate(runs):
-            key = run.batch_key
-            if key is None:
-                history = run.history() if run.sampler.repetition_penalty != 1.0 else None
-                picks[j] = run.sampler(logits[j : j + 1], history)[0]
-            else:
-                groups.setdefault(key, []).append(j)
-        for js in groups.values():
-            idx = torch.tensor(js, dtype=torch.long, device=logits.device)
-            picks[idx] = runs[js[0]].sampler(logits[idx], None)
-        want = [j for j, run in enumerate(runs) if run.options.logprobs]
-        lps: List[Optional[float]] = [None] * len(runs)
-        tops: List[Optional[list]] = [None] * len(runs)
-        if want:
-            idx = torch.tensor(want, dtype=torch.long, device=logits.device)
-            chosen, top = _logprobs(logits[idx], picks[idx], max(runs[j].top for j in want))
-            for n, j in enumerate(want):
-                lps[j] = chosen[n]
-                tops[j] = top[n][: runs[j].top]
-        return picks.tolist(), lps, tops
-
     def _echo(self, run: _Running, logits: Optional[torch.Tensor]) -> None:
         """The prompt's text and tokens after BOS (with logprobs from the prefill's `logits`)."""
         shown = run.prompt[1:]
         out = Output(text=self.tokenizer.decode(run.prompt), tokens=shown)
         if logits is not None:
             targets = torch.tensor(shown, dtype=torch.long, device=logits.device)
-            out.logprobs, tops = _logprobs(logits, targets, run.top)
-            out.top_logprobs = [t[: run.top] for t in tops]
+            chosen, values, ids = (t.tolist() for t in _logprobs(logits, targets, run.top))
+            out.logprobs = chosen
+            out.top_logprobs = [list(zip(i, v)) for i, v in zip(ids, values)]
             stream = TextStream(self.tokenizer)
             for t in shown:
                 stream.add(t)
@@ -482,11 +551,35 @@ class Engine:
 
 
 def _logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int):
-    """Log-probabilities of `targets` (n,) under `logits` (n, vocab), and each row's k most
-    likely (id, logprob) pairs; as lists."""
+    """(log-probabilities of `targets` (n,) under `logits` (n, vocab), the k largest of each row,
+    their ids), on the logits' device."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
-    if k == 0:
-        return chosen, [[] for _ in chosen]
-    values, ids = lp.topk(k, dim=-1)
-    return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    chosen = lp.gather(1, targets[:, None])[:, 0]
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], targets[:, None][:, :0])
+    return chosen, values, ids
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` on the host; from CUDA, an asynchronous copy (read it after the step's event)."""
+    return t.to("cpu", non_blocking=True) if t.is_cuda else t
+
+
+def _ready_event(device: torch.device):
+    """An event recorded after the launched work, or None off CUDA (where it is done already)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+@dataclass
+class _Launched:
+    """A step whose tokens are being chosen on the device: its runs, which of them asked for
+    logprobs, and the host copies of the tokens and (logprob, top values, top ids)."""
+
+    runs: List[_Running]
+    want: List[int]
+    picks: torch.Tensor
+    scores: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ready: Optional["torch.cuda.Event"]

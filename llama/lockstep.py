@@ -1,6 +1,6 @@
 """The serving engine's forward passes, run alike on every rank.
 
-Rank 0 decides each step (`prefill` one request into its cache row, or `decode` one token
+Rank 0 decides each step (`prefill` requests into their cache rows, or `decode` one token
 for a set of rows) and, with several processes, first broadcasts the step's inputs; the
 other ranks wait in `follow` and run the same forward, so every all-reduce of the model
 parallel layers meets its peers. Only rank 0 reads the logits.
@@ -39,19 +39,32 @@ class Lockstep:
         if self.decoder.cuda_graphs:
             self.decoder.prepare()
 
-    def prefill(self, row: int, tokens: List[int], all_logits: bool) -> torch.Tensor:
-        """Logits (n, vocab), or (1, vocab) of the last position, of `tokens` placed at
-        positions 0 .. n - 1 of cache row `row`."""
-        t = torch.tensor(tokens, dtype=torch.long)
-        self._send(PREFILL, row, int(all_logits), t)
-        return self._prefill(row, int(all_logits), t.to(self.device))
+    def prefill(self, rows: List[int], prompts: List[List[int]], all_logits: bool = False) -> torch.Tensor:
+        """Logits (len(rows), vocab) of each prompt's last position, the prompts placed at
+        positions 0 .. len - 1 of their cache rows, in one forward (right-padded to the longest:
+        the padding writes cache positions past a prompt, which its decode steps overwrite before
+        reading). `all_logits`: one prompt, the logits of every position (len, vocab)."""
+        if all_logits and len(rows) != 1:
+            raise ValueError("all_logits prefills one prompt at a time")
+        longest = max(len(p) for p in prompts)
+        padded = [p + [0] * (longest - len(p)) for p in prompts]
+        t = torch.tensor(rows + [len(p) for p in prompts] + [x for p in padded for x in p], dtype=torch.long)
+        self._send(PREFILL, len(rows), int(all_logits), t)
+        return self._prefill(len(rows), int(all_logits), self._to_device(t))
 
-    def decode(self, tokens: List[int], positions: List[int]) -> torch.Tensor:
-        """Logits (bs, vocab) of tokens[i] at positions[i] of cache row i, for rows 0 .. bs - 1."""
-        t = torch.tensor(tokens + positions, dtype=torch.long)
+    def decode(self, tokens: torch.Tensor, positions: List[int]) -> torch.Tensor:
+        """Logits (bs, vocab) of tokens[i] (a (bs,) tensor, on the model's device or the host) at
+        positions[i] of cache row i, for rows 0 .. bs - 1. Waits for nothing on the device (the
+        positions go up from pinned memory), so the host may go on while the step runs."""
+        t = torch.cat([tokens.to(self.device).reshape(-1), self._to_device(torch.tensor(positions, dtype=torch.long))])
         kv_len = max(positions) + 1
-        self._send(DECODE, len(tokens), kv_len, t)
-        return self._decode(len(tokens), kv_len, t.to(self.device))
+        self._send(DECODE, len(positions), kv_len, t)
+        return self._decode(len(positions), kv_len, t)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)  # (torch's pinned blocks wait for their copy)
 
     def close(self) -> None:
         """Tells the other ranks to leave `follow`."""
@@ -80,11 +93,14 @@ class Lockstep:
             dist.broadcast(payload.to(self.wire), src=0)
 
     @torch.inference_mode()
-    def _prefill(self, row: int, all_logits: int, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.numel()
-        positions = torch.arange(n, device=self.device)[None]  # (1, n)
-        rows = torch.tensor([row], dtype=torch.long, device=self.device)
-        return self.decoder.step(tokens[None], positions, n, prefill=True, last_only=not all_logits, rows=rows)[0]
+    def _prefill(self, n_rows: int, all_logits: int, payload: torch.Tensor) -> torch.Tensor:
+        rows, lengths = payload[:n_rows], payload[n_rows : 2 * n_rows]
+        tokens = payload[2 * n_rows :].reshape(n_rows, -1)
+        longest = tokens.shape[1]
+        positions = torch.arange(longest, device=self.device)[None]  # (1, longest)
+        if all_logits:
+            return self.decoder.step(tokens, positions, longest, prefill=True, last_only=False, rows=rows)[0]
+        return self.decoder.step(tokens, positions, longest, prefill=True, rows=rows, at=lengths - 1)[:, 0]
 
     @torch.inference_mode()
     def _decode(self, bs: int, kv_len: int, payload: torch.Tensor) -> torch.Tensor:

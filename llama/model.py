@@ -254,13 +254,17 @@ class Transformer(nn.Module):
             layer.attention.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim,
                                             dtype, device)
 
-    def logits(self, tokens: torch.Tensor, step, last_only: bool = False) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, step, last_only: bool = False,
+               at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Float32 logits (bs, seqlen, vocab) of `tokens` (bs, seqlen) placed by `step`; with
-        `last_only`, of the last position only (bs, 1, vocab)."""
+        `last_only`, of the last position only (bs, 1, vocab); with `at` (bs,), of position
+        at[i] of row i only (bs, 1, vocab)."""
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, step)
-        if last_only:
+        if at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), at][:, None]
+        elif last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 

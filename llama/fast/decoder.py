@@ -114,10 +114,12 @@ class FastDecoder:
         self._pool = None
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int, prefill: bool = False,
-             last_only: bool = True, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+             last_only: bool = True, rows: Optional[torch.Tensor] = None,
+             at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of `tokens` (bs, seqlen) at `positions` of cache rows `rows` (None: 0 .. bs - 1),
-        as `StepAt` places them; of the last position only with `last_only`."""
-        return self.model.logits(tokens, StepAt(rows, positions, kv_len, self.model.rope, prefill), last_only)
+        as `StepAt` places them; of the last position only with `last_only`, of position at[i]
+        of each row i only with `at` (bs,)."""
+        return self.model.logits(tokens, StepAt(rows, positions, kv_len, self.model.rope, prefill), last_only, at)
 
     @torch.inference_mode()
     def step_rows(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:

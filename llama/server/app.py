@@ -10,7 +10,9 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import threading
 import time
+import weakref
 from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 from fastapi import Depends, FastAPI, Request
@@ -50,15 +52,57 @@ def bad(message: str, param: Optional[str] = None) -> APIError:
     return APIError(400, message, param)
 
 
+class Mailbox:
+    """Hands outputs from the engine's thread to the event loop: what arrives while the loop
+    has not yet taken the last delivery goes with it, so a decode step's outputs for many
+    requests wake the loop once, not once each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        """From any thread: `item` into `queue` on the loop."""
+        with self._lock:
+            self._items.append((queue, item))
+            first = len(self._items) == 1
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: each poster hears it (and stops its request)
+                with self._lock:
+                    self._items.clear()
+                raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def mailbox() -> Mailbox:
+    """The running event loop's mailbox."""
+    loop = asyncio.get_running_loop()
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
+
+
 class Run:
     """One HTTP request's engine requests, their outputs arriving on the event loop."""
 
     def __init__(self, engine: Engine, jobs: List[Job]):
-        loop = asyncio.get_running_loop()
+        box = mailbox()
         self._queue: asyncio.Queue = asyncio.Queue()
 
         def sink(i: int) -> Callable:
-            return lambda out: loop.call_soon_threadsafe(self._queue.put_nowait, (i, out))
+            return lambda out: box.post(self._queue, (i, out))
 
         try:
             self.handles = engine.submit_many([dataclasses.replace(j, on_output=sink(i)) for i, j in enumerate(jobs)])
@@ -342,7 +386,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
     api = API(engine, model_name)
     bearer = HTTPBearer(auto_error=False)
 
-    def authorize(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+    async def authorize(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         if api_key is None:
             return
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
