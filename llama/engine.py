@@ -38,6 +38,7 @@ from llama.options import Options
 from llama.streaming import TextStream
 
 MAX_TOP_LOGPROBS = 20
+SWITCH_INTERVAL = 0.0005  # seconds; see Engine.start
 PREFILL_TOKENS = 4096  # prompt tokens prefilled together at most (a longer prompt goes alone)
 # Sampling values this close to 0 (the penalty: or beyond its inverse) overflow float32 logits
 # into NaN probabilities, which on CUDA end in a device-side assert: the engine refuses them.
@@ -230,6 +231,10 @@ class Engine:
         """Starts the decode thread; returns once it holds the model and can serve."""
         if self._thread is not None:
             raise RuntimeError("the engine has been started already")
+        # After each wait for the device this thread needs Python's lock back at once, or the
+        # device idles while another thread (an HTTP server's) holds it for up to the switch
+        # interval (5 ms by default, as long as a decode step).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         self._thread = threading.Thread(target=self._main, name="llama-engine", daemon=True)
         self._thread.start()
         while not self._ready.wait(0.1):

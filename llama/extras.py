@@ -8,7 +8,8 @@ DISTRIBUTION = "llama2-inference"  # `pip install llama2-inference`; the import 
 # extra -> the packages it installs (pyproject.toml's optional-dependencies say the same; a test checks)
 EXTRAS = {
     "hf": ("safetensors",),
-    "server": ("fastapi>=0.165", "uvicorn>=0.30"),
+    # httptools and uvloop: uvicorn's C parser and event loop, which it takes when present
+    "server": ("fastapi>=0.165", "uvicorn>=0.30", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'"),
 }
 
 
