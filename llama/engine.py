@@ -33,7 +33,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tu
 import torch
 
 from llama.decoding import check_prompts
-from llama.lockstep import Lockstep
+from llama.lockstep import Lockstep, upload
 from llama.options import Options
 from llama.streaming import TextStream
 
@@ -422,8 +422,8 @@ class Engine:
         for r in runs:
             positions[r.row] = len(r.prompt) + r.launched - 1
         logits = self.lockstep.decode(self._next[:bs], positions)
-        index = torch.tensor([r.row for r in runs], dtype=torch.long, device=logits.device)
-        return self._launch_sampling(runs, logits[index])
+        rows = [r.row for r in runs]
+        return self._launch_sampling(runs, logits if rows == list(range(bs)) else logits[self._upload(rows)])
 
     def _launch_sampling(self, runs: List[_Running], logits: torch.Tensor) -> "_Launched":
         """Launches the choice of each run's next token from its row of `logits` (len(runs),
@@ -442,19 +442,22 @@ class Engine:
             if len(js) == len(runs):
                 picks = runs[js[0]].sampler(logits, None)
             else:
-                idx = torch.tensor(js, dtype=torch.long, device=logits.device)
+                idx = self._upload(js)
                 picks[idx] = runs[js[0]].sampler(logits[idx], None)
-        rows = torch.tensor([r.row for r in runs], dtype=torch.long, device=logits.device)
-        self._next[rows] = picks
+        self._next[self._upload([r.row for r in runs])] = picks
         want = [j for j, run in enumerate(runs) if run.options.logprobs]
         scores = None
         if want:
-            idx = torch.tensor(want, dtype=torch.long, device=logits.device)
+            idx = self._upload(want)
             scores = _logprobs(logits[idx], picks[idx], max(runs[j].top for j in want))
         for run in runs:
             run.launched += 1
         return _Launched(runs, want, _to_host(picks), None if scores is None else tuple(map(_to_host, scores)),
                          _ready_event(logits.device))
+
+    def _upload(self, values: List[int]) -> torch.Tensor:
+        """Indices on the device, without waiting for the steps already launched."""
+        return upload(torch.tensor(values, dtype=torch.long), self.device)
 
     def _take_all(self) -> None:
         """Takes in every launched step, oldest first."""

@@ -17,6 +17,15 @@ from llama.model import Transformer
 STOP, PREFILL, DECODE = 0, 1, 2
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor `t` on `device`, without waiting for the device: a plain copy to CUDA waits
+    for all the work queued before it (the step just launched); this one goes from pinned
+    memory, asynchronously (torch keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Lockstep:
     """Prefill and decode steps on the model's own cache, mirrored on every rank.
 
@@ -62,9 +71,7 @@ class Lockstep:
         return self._decode(len(positions), kv_len, t)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)  # (torch's pinned blocks wait for their copy)
+        return upload(t, self.device)
 
     def close(self) -> None:
         """Tells the other ranks to leave `follow`."""
