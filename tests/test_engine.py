@@ -101,6 +101,21 @@ def test_eight_concurrent_requests_each_equal_its_single_run(engine, ref):
         assert handle.result().text == ref.text_completion([p], temperature=0, max_gen_len=20)[0]["generation"]
 
 
+def test_prefill_budget_splits_the_admitted(engine, ref, monkeypatch):
+    """Requests beyond the prefill budget wait for the next step's prefill; each answer is its
+    single run's, with a repetition penalty (the engine then takes each step in) beside them."""
+    import llama.engine as E
+
+    monkeypatch.setattr(E, "PREFILL_TOKENS", 12)
+    want = [ref.text_completion([p], temperature=0, max_gen_len=15)[0]["generation"] for p in PROMPTS]
+    penalized = ref.text_completion([PROMPTS[0]], temperature=0, max_gen_len=15, repetition_penalty=1.3)[0]
+    handles = engine.submit_many([Request(encode(engine, p), Options(temperature=0, max_gen_len=15)) for p in PROMPTS])
+    extra = engine.submit(Request(encode(engine, PROMPTS[0]), Options(temperature=0, max_gen_len=15,
+                                                                      repetition_penalty=1.3)))
+    assert [h.result().text for h in handles] == want
+    assert extra.result().text == penalized["generation"]
+
+
 def test_sampling_controls_equal_llama(engine, ref):
     for kw in [dict(repetition_penalty=1.3), dict(top_k=5, repetition_penalty=1.1)]:
         want = ref.text_completion([PROMPTS[1]], temperature=0, max_gen_len=30, **kw)[0]["generation"]
