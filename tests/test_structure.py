@@ -13,7 +13,7 @@ PACKAGE = REPO / "llama"
 MODULES = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in PACKAGE.rglob("*.py")
                  if p.name != "__init__.py" or p.parent != PACKAGE)
 MODULES = [m[: -len(".__init__")] if m.endswith(".__init__") else m for m in MODULES]
-LAZY = {"llama.kernels.triton_kernels"}  # needs Triton; imported by llama.kernels on first use on CUDA
+LAZY = {"llama.kernels.triton_kernels", "llama.kernels.ahead"}  # needs Triton; imported by llama.kernels on first use on CUDA
 
 
 def imports_of(module: str):
