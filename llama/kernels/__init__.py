@@ -114,7 +114,7 @@ def quantized_linear(x: torch.Tensor, mode: str, weight: torch.Tensor, scale: to
 # On the CPU, quantized products of at least this many rows dequantize tile by tile and use
 # torch's matmul (`llama.kernels.cpu`); fewer rows use torch's int8/int4 products, which read
 # each weight byte once (measured at the 1.1B shape, 2 threads: benchmarks/RESULTS.md).
-CPU_DEQUANT_ROWS = {"int8": 16, "int4": 16}
+CPU_DEQUANT_ROWS = {"int8": 16, "int4": 128}
 _NOTICED = set()
 
 

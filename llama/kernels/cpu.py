@@ -22,7 +22,7 @@ import torch
 
 TILE_ELEMENTS = 2 << 20  # dequantized weight elements per tile (a multiple of 64 rows)
 _LOW = 0x0F0F0F0F  # the low nibble of each byte of an int32
-_HIGH = -0x0F0F0F10  # 0xF0F0F0F0 as an int32
+_SIGN = -0x7F7F7F80  # 0x80808080 as an int32
 
 
 def _tile_rows(k: int, n: int, multiple: int) -> int:
@@ -55,26 +55,27 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_ze
     y = torch.empty(m, n, dtype=x.dtype)
     rows = _tile_rows(k, n, 64)
     g = k // group
-    bits = torch.empty(2, rows * k // 8, dtype=torch.int32)  # signed nibbles of the tile, 4 a word
+    nibbles = torch.empty(k, rows, dtype=torch.int8)  # q - 8 of the tile, K-major
+    word = torch.empty(rows * k // 8, dtype=torch.int32)
     w = torch.empty(k, rows, dtype=x.dtype)  # the tile, K-major: (K, rows)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         t, nb = j - i, (j - i) // 64
-        word = packed[i:j].reshape(-1).view(torch.int32)
-        lo, hi = bits[0, : word.numel()], bits[1, : word.numel()]
-        # q - 8 as a signed byte: flip each nibble's top bit, move the nibble to the byte's top
-        # and shift back arithmetically
-        torch.bitwise_xor(word, -0x77777778, out=hi)  # 0x88888888
-        torch.bitwise_left_shift(hi, 4, out=lo).bitwise_and_(_HIGH)
-        hi.bitwise_and_(_HIGH)
-        for half, src in ((0, lo), (1, hi)):
-            signed = src.view(torch.int8).bitwise_right_shift_(4).view(nb, k, 32)
-            w[:, :t].view(k, nb, 2, 32)[:, :, half].copy_(signed.transpose(0, 1))  # (K, nb, 32)
-        tile = w[:, :t].view(g, group, t)
-        s = scales_and_zeros[:, i:j, 0].to(x.dtype)[:, None]  # (K // group, 1, t)
-        z = scales_and_zeros[:, i:j, 1].to(x.dtype)[:, None]
-        torch.addcmul(z, tile, s, out=tile)
-        torch.mm(x, w[:, :t], out=y[:, i:j])
+        src = packed[i:j].reshape(-1).view(torch.int32)  # 4 bytes of a block's (K, 32) a word
+        out = nibbles[:, :t].view(torch.int32).view(k, nb, 2, 8)  # (K, nb, low/high nibbles, 8 words)
+        tmp = word[: src.numel()]
+        # q - 8 as a signed byte, 4 at once: ((q | 0x80) - 8) ^ 0x80 never borrows across bytes
+        for half in (0, 1):
+            q = torch.bitwise_and(src, _LOW, out=tmp) if half == 0 else tmp.copy_(src).bitwise_right_shift_(4).bitwise_and_(_LOW)
+            q.add_(0x78787878)
+            torch.bitwise_xor(q.view(nb, k, 8), _SIGN, out=out[:, :, half].transpose(0, 1))
+        tile = w[:, :t]
+        tile.copy_(nibbles[:, :t])
+        s = scales_and_zeros[:, i:j, 0].contiguous()[:, None]  # (K // group, 1, t)
+        z = scales_and_zeros[:, i:j, 1].contiguous()[:, None]
+        grouped = tile.view(g, group, t)
+        torch.addcmul(z, grouped, s, out=grouped)
+        torch.mm(x, tile, out=y[:, i:j])
     return y
 
 
