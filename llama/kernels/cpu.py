@@ -55,25 +55,23 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_ze
     y = torch.empty(m, n, dtype=x.dtype)
     rows = _tile_rows(k, n, 64)
     g = k // group
-    nibbles = torch.empty(k, rows, dtype=torch.int8)  # q - 8 of the tile, K-major
-    word = torch.empty(rows * k // 8, dtype=torch.int32)
-    w = torch.empty(k, rows, dtype=x.dtype)  # the tile, K-major: (K, rows)
+    halves = torch.empty(2, rows * k // 8, dtype=torch.int32)  # q - 8 of the low and high nibbles, a byte each
+    w = torch.empty(k, rows, dtype=x.dtype)  # the tile, K-major
     for i in range(0, n, rows):
         j = min(i + rows, n)
         t, nb = j - i, (j - i) // 64
         src = packed[i:j].reshape(-1).view(torch.int32)  # 4 bytes of a block's (K, 32) a word
-        out = nibbles[:, :t].view(torch.int32).view(k, nb, 2, 8)  # (K, nb, low/high nibbles, 8 words)
-        tmp = word[: src.numel()]
+        lo, hi = halves[0, : src.numel()], halves[1, : src.numel()]
         # q - 8 as a signed byte, 4 at once: ((q | 0x80) - 8) ^ 0x80 never borrows across bytes
-        for half in (0, 1):
-            q = torch.bitwise_and(src, _LOW, out=tmp) if half == 0 else tmp.copy_(src).bitwise_right_shift_(4).bitwise_and_(_LOW)
-            q.add_(0x78787878)
-            torch.bitwise_xor(q.view(nb, k, 8), _SIGN, out=out[:, :, half].transpose(0, 1))
+        torch.bitwise_and(src, _LOW, out=lo).add_(0x78787878).bitwise_xor_(_SIGN)
+        torch.bitwise_right_shift(src, 4, out=hi).bitwise_and_(_LOW).add_(0x78787878).bitwise_xor_(_SIGN)
         tile = w[:, :t]
-        tile.copy_(nibbles[:, :t])
+        by_block = tile.view(k, nb, 2, 32)  # column = block * 64 + (0: low nibble, 1: high) * 32 + r
+        for half, nibbles in enumerate((lo, hi)):
+            by_block[:, :, half].copy_(nibbles.view(torch.int8).view(nb, k, 32).transpose(0, 1))
+        grouped = tile.view(g, group, t)
         s = scales_and_zeros[:, i:j, 0].contiguous()[:, None]  # (K // group, 1, t)
         z = scales_and_zeros[:, i:j, 1].contiguous()[:, None]
-        grouped = tile.view(g, group, t)
         torch.addcmul(z, grouped, s, out=grouped)
         torch.mm(x, tile, out=y[:, i:j])
     return y
