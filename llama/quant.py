@@ -115,6 +115,14 @@ def quantize_items(items: Iterable[Tuple[str, torch.Tensor]], spec: Spec, device
 # -- the module ----------------------------------------------------------------------------------
 
 
+def _int4pack_for_cpu(packed: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """The stored int4 weight (N, K // 2) in the CPU product's packed layout, converted `rows`
+    output rows at a time (the conversion takes its input as int32: 8 bytes a weight byte,
+    so a whole output layer at once would briefly need 8x its size)."""
+    return torch.cat([torch._convert_weight_to_int4pack_for_cpu(unpack_int4(packed[i:i + rows]).int(), 1)
+                      for i in range(0, packed.shape[0], rows)])
+
+
 class QuantLinear(nn.Module):
     """y = x @ W.T for a quantized W (no bias), stored as `llama.layout.stored_form` says.
 
@@ -168,7 +176,7 @@ class QuantLinear(nn.Module):
         elif (device.type == "cpu" and self.spec.group in _TORCH_INT4_GROUPS and n % 16 == 0
               and kernels.cpu.int4pack_layout() != "none"):
             self.kernel = "int4cpu"
-            self.weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
+            self.weight = _int4pack_for_cpu(self.weight)
             self.scales_and_zeros = torch.stack([self.weight_scales.t(), self.weight_zeros.t()], dim=-1).to(dtype)
             del self.weight_scales, self.weight_zeros
         else:

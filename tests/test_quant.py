@@ -110,6 +110,16 @@ def test_int4_cpu_layout_is_read_as_torch_writes_it():
     assert torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 1), cpu.pack_like_torch(q))
 
 
+def test_int4_cpu_repacking_a_slice_at_a_time_is_the_whole_repacking():
+    from llama.kernels import cpu
+
+    if cpu.int4pack_layout() == "none":
+        pytest.skip("no CPU int4 packing in this torch")
+    packed = torch.randint(0, 256, (1040, 64), dtype=torch.uint8)  # 1040: a last slice of 16 rows
+    whole = torch._convert_weight_to_int4pack_for_cpu(quant.unpack_int4(packed).int(), 1)
+    assert torch.equal(quant._int4pack_for_cpu(packed, rows=256), whole)
+
+
 def test_int4_cpu_products_fall_back_where_the_layout_differs(monkeypatch, capfd):
     """A torch whose int4 packing is not the one llama.kernels.cpu reads (another CPU): prompts
     use torch's int4 product, with a one-line notice, and the answer is still the product."""
