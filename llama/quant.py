@@ -173,8 +173,11 @@ class QuantLinear(nn.Module):
             self.kernel = "triton" if kernels.available() else "dequant"
         elif self.spec.mode == "int8":
             self.kernel = "int8pack" if device.type == "cpu" else "dequant"
-        elif (device.type == "cpu" and self.spec.group in _TORCH_INT4_GROUPS and n % 16 == 0
-              and kernels.cpu.int4pack_layout() != "none"):
+        elif device.type == "cpu" and kernels.cpu.int4pack_layout() == "none":
+            kernels.notice_once("int4 on this CPU: this torch has no CPU int4 product; each product "
+                                "dequantizes its weight (slow)")
+            self.kernel = "dequant"
+        elif device.type == "cpu" and self.spec.group in _TORCH_INT4_GROUPS and n % 16 == 0:
             self.kernel = "int4cpu"
             self.weight = _int4pack_for_cpu(self.weight)
             self.scales_and_zeros = torch.stack([self.weight_scales.t(), self.weight_zeros.t()], dim=-1).to(dtype)

@@ -137,6 +137,23 @@ def test_int4_cpu_products_fall_back_where_the_layout_differs(monkeypatch, capfd
     assert err.count("int4 prompts on this CPU use torch's int4 product") == 1 and err.count("\n") == 1
 
 
+def test_int4_on_a_cpu_without_torchs_int4_product_dequantizes(monkeypatch, capfd):
+    """A torch with no CPU int4 packing (as on some arm64 builds): every product dequantizes
+    the stored form, after a one-line notice, and the answer is still the product."""
+    from llama.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_LAYOUT", "none")
+    monkeypatch.setattr(kernels, "_NOTICED", set())
+    for _ in range(2):
+        layer = quant_layer("int4", 128, 256)
+        layer.prepare(torch.float32)
+        assert layer.kernel == "dequant"
+        x = torch.randn(3, 256)
+        torch.testing.assert_close(layer(x), x @ layer.dequantized().t(), atol=1e-4, rtol=1e-4)
+    err = capfd.readouterr().err
+    assert err.count("this torch has no CPU int4 product") == 1 and err.count("\n") == 1
+
+
 def teacher_forced(model, ref_logits, tokens):
     logits = model.forward(tokens, 0)
     agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()

@@ -130,11 +130,16 @@ def cpu_quantized_mm(x: torch.Tensor, mode: str, weight: torch.Tensor, scale: to
         return cpu.int8_mm(x, weight, scale)
     if cpu.int4pack_layout() == "known":
         return cpu.int4pack_mm(x, weight, group, scale) if weight.shape[0] % 64 == 0 else None
-    if "int4" not in _NOTICED:
-        _NOTICED.add("int4")
-        distributed.log("int4 prompts on this CPU use torch's int4 product (slower for many tokens): "
-                        f"its packed layout here is not the one llama.kernels.cpu reads ({cpu.int4pack_layout()})")
+    notice_once("int4 prompts on this CPU use torch's int4 product (slower for many tokens): its packed "
+                f"layout here is not the one llama.kernels.cpu reads ({cpu.int4pack_layout()})")
     return None
+
+
+def notice_once(message: str) -> None:
+    """`message` on one line of rank 0's stderr, the first time only in this process."""
+    if message not in _NOTICED:
+        _NOTICED.add(message)
+        distributed.log(message)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
