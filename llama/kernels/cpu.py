@@ -4,9 +4,9 @@ float32) matmul.
 
 Why: torch's CPU products that read int8/int4 weights (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`) are fast for a row or a few (decode) but are not blocked
-for many (measured at 64 rows: 2-4x slower than the bf16 matmul at twice the bytes), and
-torch.compile's CPU lowering of the dequantize-then-matmul pattern did no better on this
-hardware (see benchmarks/RESULTS.md). The matmul itself stays torch's; only the
+for many (measured at 64 rows: 1.7-3x the bf16 matmul's time, reading half its bytes or
+less), and torch.compile's lowering of dequantize-then-matmul was slower still where it was
+measured (one row; benchmarks/RESULTS.md). The matmul itself stays torch's; only the
 dequantization of a tile is done here, with plain torch ops. A whole dequantized copy is
 never held: the buffer is `TILE_ELEMENTS` (4 MB in bf16), whatever the layer's size.
 
