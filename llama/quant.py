@@ -6,8 +6,10 @@ int8 has one symmetric scale per output channel; int4 a scale and a zero per gro
 
 Products: on CUDA, this package's Triton kernels read the stored form as it is
 (`llama.kernels.quantized_linear`). On the CPU, torch's `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu` (the int4 weight repacked once, by `prepare`). Elsewhere the
-weight is dequantized on the fly.
+`_weight_int4pack_mm_for_cpu` (the int4 weight repacked once, by `prepare`) for a few rows
+(decode); for many (prompts) the weight in that same form dequantized a tile at a time
+and torch's matmul (`llama.kernels.cpu_quantized_mm`). Elsewhere the weight is
+dequantized on the fly.
 """
 
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -113,6 +115,14 @@ def quantize_items(items: Iterable[Tuple[str, torch.Tensor]], spec: Spec, device
 # -- the module ----------------------------------------------------------------------------------
 
 
+def _int4pack_for_cpu(packed: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """The stored int4 weight (N, K // 2) in the CPU product's packed layout, converted `rows`
+    output rows at a time (the conversion takes its input as int32: 8 bytes a weight byte,
+    so a whole output layer at once would briefly need 8x its size)."""
+    return torch.cat([torch._convert_weight_to_int4pack_for_cpu(unpack_int4(packed[i:i + rows]).int(), 1)
+                      for i in range(0, packed.shape[0], rows)])
+
+
 class QuantLinear(nn.Module):
     """y = x @ W.T for a quantized W (no bias), stored as `llama.layout.stored_form` says.
 
@@ -163,9 +173,13 @@ class QuantLinear(nn.Module):
             self.kernel = "triton" if kernels.available() else "dequant"
         elif self.spec.mode == "int8":
             self.kernel = "int8pack" if device.type == "cpu" else "dequant"
+        elif device.type == "cpu" and kernels.cpu.int4pack_layout() == "none":
+            kernels.notice_once("int4 on this CPU: this torch has no CPU int4 product; each product "
+                                "dequantizes its weight (slow)")
+            self.kernel = "dequant"
         elif device.type == "cpu" and self.spec.group in _TORCH_INT4_GROUPS and n % 16 == 0:
             self.kernel = "int4cpu"
-            self.weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).int(), 1)
+            self.weight = _int4pack_for_cpu(self.weight)
             self.scales_and_zeros = torch.stack([self.weight_scales.t(), self.weight_zeros.t()], dim=-1).to(dtype)
             del self.weight_scales, self.weight_zeros
         else:
@@ -176,10 +190,14 @@ class QuantLinear(nn.Module):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W.T, not gated."""
         if self.kernel == "int8pack":
-            return torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scale_in_dtype.to(x.dtype))
+            x, scale = x.contiguous(), self.scale_in_dtype.to(x.dtype)
+            y = kernels.cpu_quantized_mm(x, "int8", self.weight, scale, 0)
+            return y if y is not None else torch._weight_int8pack_mm(x, self.weight, scale)
         if self.kernel == "int4cpu":
-            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.spec.group,
-                                                     self.scales_and_zeros.to(x.dtype))
+            x, scales_and_zeros = x.contiguous(), self.scales_and_zeros.to(x.dtype)
+            y = kernels.cpu_quantized_mm(x, "int4", self.weight, scales_and_zeros, self.spec.group)
+            return y if y is not None else torch._weight_int4pack_mm_for_cpu(x, self.weight, self.spec.group,
+                                                                            scales_and_zeros)
         return F.linear(x, self.dequantized().to(x.dtype))
 
     def forward(self, x: torch.Tensor, norm=None, residual=None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama import ModelArgs, memory, quant
+from llama import ModelArgs, kernels, memory, quant
 from llama.config import weight_bytes
 from llama import checkpoint as ck
 from llama.tools import check, quantize
@@ -63,6 +63,97 @@ def test_kernels_compute_the_dequantized_product(mode, group, n, dtype):
     assert got.shape == (2, 3, n) and got.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 0.05 * want.abs().max().item()
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=0.02 if dtype == torch.bfloat16 else 1e-4)
+
+
+def quant_layer(mode, n, k, group=32, seed=0):
+    torch.manual_seed(seed)
+    spec = quant.Spec(mode, group)
+    layer = quant.QuantLinear(k, n, spec)
+    for name, t in quant.quantize_weight("weight", torch.randn(n, k), spec).items():
+        setattr(layer, name, t)
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_products_of_many_rows_compute_the_dequantized_product(monkeypatch, mode, dtype):
+    """Many rows on the CPU: the weight dequantized tile by tile (small tiles here, the last one
+    partial) and torch's matmul, against x @ dequant(W).T in float32."""
+    from llama.kernels import cpu
+
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 128 * 256)  # 128 rows a tile: 2 and a half tiles
+    layer = quant_layer(mode, 320, 256)
+    want_w = layer.dequantized()
+    layer.prepare(dtype)
+    rows = kernels.CPU_DEQUANT_ROWS[mode]
+    x = torch.randn(rows + 3, 256).to(dtype)
+    assert kernels.cpu_quantized_mm(x[:rows - 1], mode, layer.weight, torch.ones(1), 32) is None  # too few rows
+    if mode == "int4":
+        assert cpu.int4pack_layout() in ("known", "other")
+        if cpu.int4pack_layout() != "known":
+            pytest.skip("torch packs int4 differently on this CPU (the fallback is tested apart)")
+    got = layer(x)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, x @ want_w.t(), atol=1e-4, rtol=1e-4)
+    else:  # against the weight rounded to bf16, as the tile holds it
+        want = x.float() @ want_w.bfloat16().float().t()
+        torch.testing.assert_close(got.float(), want, atol=0.02 * want.abs().max().item(), rtol=0.02)
+        assert got.dtype == torch.bfloat16
+
+
+def test_int4_cpu_layout_is_read_as_torch_writes_it():
+    from llama.kernels import cpu
+
+    if cpu.int4pack_layout() != "known":
+        pytest.skip("torch packs int4 differently on this CPU")
+    q = torch.randint(0, 16, (192, 256), dtype=torch.int32)
+    assert torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 1), cpu.pack_like_torch(q))
+
+
+def test_int4_cpu_repacking_a_slice_at_a_time_is_the_whole_repacking():
+    from llama.kernels import cpu
+
+    if cpu.int4pack_layout() == "none":
+        pytest.skip("no CPU int4 packing in this torch")
+    packed = torch.randint(0, 256, (1040, 64), dtype=torch.uint8)  # 1040: a last slice of 16 rows
+    whole = torch._convert_weight_to_int4pack_for_cpu(quant.unpack_int4(packed).int(), 1)
+    assert torch.equal(quant._int4pack_for_cpu(packed, rows=256), whole)
+
+
+def test_int4_cpu_products_fall_back_where_the_layout_differs(monkeypatch, capfd):
+    """A torch whose int4 packing is not the one llama.kernels.cpu reads (another CPU): prompts
+    use torch's int4 product, with a one-line notice, and the answer is still the product."""
+    from llama.kernels import cpu
+
+    layer = quant_layer("int4", 128, 256)
+    want_w = layer.dequantized()
+    layer.prepare(torch.float32)
+    monkeypatch.setattr(cpu, "_LAYOUT", "other")
+    monkeypatch.setattr(kernels, "_NOTICED", set())
+    x = torch.randn(kernels.CPU_DEQUANT_ROWS["int4"] + 1, 256)
+    for _ in range(2):
+        torch.testing.assert_close(layer(x), x @ want_w.t(), atol=1e-4, rtol=1e-4)
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if "int4" in line] == [
+        next(line for line in err.splitlines() if line.startswith("int4 prompts on this CPU use torch's int4 product"))]
+
+
+def test_int4_on_a_cpu_without_torchs_int4_product_dequantizes(monkeypatch, capfd):
+    """A torch with no CPU int4 packing (as on some arm64 builds): every product dequantizes
+    the stored form, after a one-line notice, and the answer is still the product."""
+    from llama.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_LAYOUT", "none")
+    monkeypatch.setattr(kernels, "_NOTICED", set())
+    for _ in range(2):
+        layer = quant_layer("int4", 128, 256)
+        layer.prepare(torch.float32)
+        assert layer.kernel == "dequant"
+        x = torch.randn(3, 256)
+        torch.testing.assert_close(layer(x), x @ layer.dequantized().t(), atol=1e-4, rtol=1e-4)
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if "int4" in line] == [
+        next(line for line in err.splitlines() if line.startswith("int4 on this CPU: this torch has no CPU int4 product"))]
 
 
 def teacher_forced(model, ref_logits, tokens):

@@ -139,7 +139,12 @@ class FastDecoder:
             return self._replay(tokens, start_pos)
         positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)[None]
         max_seq_len = self.model.params.max_seq_len
-        kv_len = seqlen if start_pos == 0 else kv_bucket(start_pos + seqlen, max_seq_len)
+        if start_pos == 0:
+            kv_len = seqlen
+        elif self.device.type == "cpu":  # attention reads [0, kv_len) there: the length itself (no graphs)
+            kv_len = start_pos + seqlen
+        else:
+            kv_len = kv_bucket(start_pos + seqlen, max_seq_len)
         return self.step(tokens, positions, kv_len, prefill=start_pos == 0, last_only=not all_logits)
 
     def _replay(self, tokens: torch.Tensor, positions: Union[int, torch.Tensor]) -> torch.Tensor:

@@ -19,8 +19,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from llama import cache
-from llama.kernels import reference
+from llama import cache, distributed
+from llama.kernels import cpu, reference
 
 _AVAILABLE = None
 
@@ -132,6 +132,37 @@ def quantized_linear(x: torch.Tensor, mode: str, weight: torch.Tensor, scale: to
     y = silu_mul(y) if gated else y
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     return y if residual is None else residual + y
+
+
+# On the CPU, quantized products of at least this many rows dequantize tile by tile and use
+# torch's matmul (`llama.kernels.cpu`); fewer rows use torch's int8/int4 products, which read
+# each weight byte once (measured at the 1.1B shape, 2 threads: benchmarks/RESULTS.md).
+CPU_DEQUANT_ROWS = {"int8": 16, "int4": 128}
+_NOTICED = set()
+
+
+def cpu_quantized_mm(x: torch.Tensor, mode: str, weight: torch.Tensor, scale: torch.Tensor,
+                     group: int) -> Optional[torch.Tensor]:
+    """x (M, K) @ W.T on the CPU for a weight in the form of torch's CPU product (int8: (N, K) and
+    scales (N,) in x's dtype; int4: `_convert_weight_to_int4pack_for_cpu`'s, with scales and
+    zeros (K // group, N, 2)) where M is many rows: W dequantized a tile at a time, torch's
+    matmul. None where torch's quantized product is the one to use."""
+    if x.device.type != "cpu" or _rows(x) < CPU_DEQUANT_ROWS[mode]:
+        return None
+    if mode == "int8":
+        return cpu.int8_mm(x, weight, scale)
+    if cpu.int4pack_layout() == "known":
+        return cpu.int4pack_mm(x, weight, group, scale) if weight.shape[0] % 64 == 0 else None
+    notice_once("int4 prompts on this CPU use torch's int4 product (slower for many tokens): its packed "
+                f"layout here is not the one llama.kernels.cpu reads ({cpu.int4pack_layout()})")
+    return None
+
+
+def notice_once(message: str) -> None:
+    """`message` on one line of rank 0's stderr, the first time only in this process."""
+    if message not in _NOTICED:
+        _NOTICED.add(message)
+        distributed.log(message)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
