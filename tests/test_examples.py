@@ -54,6 +54,7 @@ def test_chat_example_under_torchrun(ckpts):
     assert res.stdout.count(SEP) == 1  # rank 1 is silent
 
 
+@pytest.mark.slow  # command lines in subprocesses
 def test_stream_flag_prints_the_same_text(ckpts):
     args = ["--ckpt_dir", ckpts["gqa1"], "--tokenizer_path", TOKENIZER, "--max_gen_len", "12", "--temperature", "0"]
     plain = run_example("example_text_completion.py", *args)
@@ -65,6 +66,7 @@ def test_stream_flag_prints_the_same_text(ckpts):
     assert streamed.split("\n", 1)[1] == plain.split("\n", 1)[1]
 
 
+@pytest.mark.slow  # command lines in subprocesses
 def test_sampling_flags(ckpts):
     args = ["--ckpt_dir", ckpts["gqa1"], "--tokenizer_path", TOKENIZER, "--max_gen_len", "12", "--prompt", "Hello"]
     a = run_example("example_text_completion.py", *args, "--seed", "3", "--top_k", "5")

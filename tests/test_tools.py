@@ -55,6 +55,7 @@ def test_reshard_round_trip_bit_exact(ckpts, tmp_path):
     assert check.check(tmp_path / "mp4", TOKENIZER) == []  # its checklist.chk verifies
 
 
+@pytest.mark.slow  # command lines in subprocesses
 def test_reshard_cli_errors(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "llama.tools.reshard", *args], capture_output=True, text=True,
@@ -123,6 +124,7 @@ def test_check_names_a_missing_shard_first_without_a_tokenizer(tmp_path, capsys)
     assert not any("tokenizer" in p for p in problems)
 
 
+@pytest.mark.slow  # command lines in subprocesses
 @pytest.mark.parametrize("tool", ["llama.tools.check", "llama.tools.random_checkpoint"])
 def test_output_into_a_closed_pipe_ends_quietly(tool, tmp_path):
     """`llama-check ... | head -1`: the reader goes away before the tool writes."""
