@@ -15,7 +15,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
+    probs_sort.masked_fill_(mask, 0.0)  # (the reference's probs_sort[mask] = 0.0, without a host sync)
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
