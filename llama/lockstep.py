@@ -95,9 +95,9 @@ class Lockstep:
         if self.world_size == 1:
             return
         n = 0 if payload is None else payload.numel()
-        dist.broadcast(torch.tensor([kind, a, b, n], dtype=torch.long, device=self.wire), src=0)
+        dist.broadcast(upload(torch.tensor([kind, a, b, n], dtype=torch.long), self.wire), src=0)
         if n:
-            dist.broadcast(payload.to(self.wire), src=0)
+            dist.broadcast(payload if payload.device == self.wire else upload(payload, self.wire), src=0)
 
     @torch.inference_mode()
     def _prefill(self, n_rows: int, all_logits: int, payload: torch.Tensor) -> torch.Tensor:
