@@ -76,7 +76,11 @@ if _AsyncCompileMode is not None:
 def compiling(n_threads: int = 0):
     """Within: launches (in this thread) compile in `n_threads` threads (default: the CPUs, at
     most 8) instead of running; on leaving, every compile has finished. A kernel that fails to
-    compile here is compiled again, and fails with its message, at its real launch."""
+    compile here is compiled again, and fails with its message, at its real launch. With a
+    Triton too old for this, launches run as they always do."""
+    if _AsyncCompileMode is None:
+        yield
+        return
     with ThreadPoolExecutor(n_threads or threads(), thread_name_prefix="llama-compile") as pool:
         with _Ahead(pool, ignore_errors=True):
             _STATE.ahead = True
