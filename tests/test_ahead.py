@@ -32,3 +32,10 @@ def test_compiles_ahead_then_runs_without_compiling():
     y = T.rms_norm(x, w, 1e-5)
     assert compiled(T._rms_norm_kernel) == before + 1  # the launch found it
     torch.testing.assert_close(y.float(), R.rms_norm(x, w, 1e-5).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_with_a_triton_too_old_launches_run_as_usual(monkeypatch):
+    ahead = pytest.importorskip("llama.kernels.ahead")  # (needs Triton, not CUDA)
+    monkeypatch.setattr(ahead, "_AsyncCompileMode", None)
+    with ahead.compiling():
+        assert not getattr(ahead._STATE, "ahead", False)  # launch() gives kernel[grid], as outside
