@@ -57,21 +57,20 @@ class Lockstep:
             raise ValueError("all_logits prefills one prompt at a time")
         longest = max(len(p) for p in prompts)
         padded = [p + [0] * (longest - len(p)) for p in prompts]
-        t = torch.tensor(rows + [len(p) for p in prompts] + [x for p in padded for x in p], dtype=torch.long)
+        t = upload(torch.tensor(rows + [len(p) for p in prompts] + [x for p in padded for x in p], dtype=torch.long),
+                   self.device)
         self._send(PREFILL, len(rows), int(all_logits), t)
-        return self._prefill(len(rows), int(all_logits), self._to_device(t))
+        return self._prefill(len(rows), int(all_logits), t)
 
     def decode(self, tokens: torch.Tensor, positions: List[int]) -> torch.Tensor:
         """Logits (bs, vocab) of tokens[i] (a (bs,) tensor, on the model's device or the host) at
         positions[i] of cache row i, for rows 0 .. bs - 1. Waits for nothing on the device (the
         positions go up from pinned memory), so the host may go on while the step runs."""
-        t = torch.cat([tokens.to(self.device).reshape(-1), self._to_device(torch.tensor(positions, dtype=torch.long))])
+        positions_t = upload(torch.tensor(positions, dtype=torch.long), self.device)
+        t = torch.cat([tokens.to(self.device).reshape(-1), positions_t])
         kv_len = max(positions) + 1
         self._send(DECODE, len(positions), kv_len, t)
         return self._decode(len(positions), kv_len, t)
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return upload(t, self.device)
 
     def close(self) -> None:
         """Tells the other ranks to leave `follow`."""
@@ -97,7 +96,7 @@ class Lockstep:
         n = 0 if payload is None else payload.numel()
         dist.broadcast(upload(torch.tensor([kind, a, b, n], dtype=torch.long), self.wire), src=0)
         if n:
-            dist.broadcast(payload if payload.device == self.wire else upload(payload, self.wire), src=0)
+            dist.broadcast(payload.to(self.wire), src=0)  # (already there, but for gloo with CUDA ranks)
 
     @torch.inference_mode()
     def _prefill(self, n_rows: int, all_logits: int, payload: torch.Tensor) -> torch.Tensor:
