@@ -81,18 +81,18 @@ class FastDecoder:
         t0 = time.time()
         if self.cuda_graphs:
             with kernels.compiling_ahead():  # every kernel of the steps below, compiled side by side
-                self._prefill_check()
+                self._small_prefill()
                 for bs in self.buckets():
                     if bs not in self.graphs:
                         self.step(*self._inputs(bs, 0), self.model.params.max_seq_len)
-            self._prefill_check()
+            self._small_prefill()
             for bs in self.buckets():
                 if bs not in self.graphs:
                     self.graphs[bs] = self._capture(bs, start_pos=0)
             torch.cuda.synchronize(self.device)
         return time.time() - t0
 
-    def _prefill_check(self) -> None:
+    def _small_prefill(self) -> None:
         """A two-token prefill at cache positions 0..1 of row 0 (its kernels made ready)."""
         self.step(torch.zeros((1, 2), dtype=torch.long, device=self.device),
                   torch.arange(2, device=self.device)[None], 2, prefill=True)
