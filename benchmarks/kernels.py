@@ -1,7 +1,7 @@
 """The products behind the fast path, timed at a model's shapes; optionally tunes the GEMV
 launch configurations and keeps the best in the start-up cache (and prints them).
 
-    python benchmarks/kernels.py [--model 7B] [--tune] [--rows 1,8,32,64,2000]
+    python benchmarks/kernels.py [--model 7B] [--tune [gemv|qmm]] [--rows 1,8,32,64,2000] [--formats bf16,int8,int4]
 
 Per weight shape of a layer (joined q/k/v, wo, joined w1/w3 gated, w2, output) and format
 (bf16, int8, int4 groups of 128): the GPU time of x (rows, K) @ W.T, with enough copies of
@@ -28,7 +28,8 @@ from llama.kernels import tuning  # noqa: E402
 
 QMM_CANDIDATES = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
                   for n, k, w, st in ((32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3),
-                                      (64, 64, 4, 4), (128, 64, 4, 3))]
+                                      (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3),
+                                      (128, 64, 4, 4))]
 CANDIDATES = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1)
               for n, k, w in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (8, 2048, 8),
                               (32, 256, 4), (4, 2048, 4))]
@@ -71,7 +72,10 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="7B", choices=list(SHAPES))
     p.add_argument("--rows", default="1,8,32,64,2000")
-    p.add_argument("--tune", action="store_true", help="try each GEMV configuration; keep the best in the cache")
+    p.add_argument("--tune", nargs="?", const="all", choices=["all", "gemv", "qmm"], default=None,
+                   help="try each configuration of the GEMV, the several-row product (qmm) or both; keep the best "
+                        "in the cache")
+    p.add_argument("--formats", default="bf16,int8,int4")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     args = ModelArgs(**SHAPES[a.model], vocab_size=32000)
@@ -81,11 +85,11 @@ def main():
     table = []
     for name, (n, k, gated) in shapes(args).items():
         copies = max(2, int(3e9 // (n * k * 2)))  # ~3 GB of bf16 weights cycled: far past the L2
-        for fmt in ("bf16", "int8", "int4"):
+        for fmt in a.formats.split(","):
             ws = stored(fmt, n, k, copies if fmt == "bf16" else max(2, copies))
             size = nbytes(ws)
             kind = "float" if fmt == "bf16" else fmt
-            if a.tune:
+            if a.tune in ("all", "gemv"):
                 best = None
                 for cfg in CANDIDATES:
                     if fmt == "int4" and cfg["BLOCK_K"] < 128:
@@ -99,7 +103,7 @@ def main():
                         best = (t, cfg)
                 tuned[f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}"] = best[1]
                 tuning._tuned()[f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}"] = best[1]
-            if a.tune and fmt != "bf16":
+            if a.tune in ("all", "qmm") and fmt != "bf16":
                 for m in (r for r in rows if 1 < r < kernels.QUANT_DEQUANT_ROWS):
                     bucket = tuning.qmm_bucket(m)
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -135,7 +139,7 @@ def main():
     print("\n| layer | format | " + " | ".join(f"rows {m}" for m in rows) + " |")
     print("|---|---|" + "---|" * len(rows))
     for name in shapes(args):
-        for fmt in ("bf16", "int8", "int4"):
+        for fmt in a.formats.split(","):
             cells = []
             for (nm, f, m, t, size, ref) in table:
                 if nm == name and f == fmt:

@@ -33,7 +33,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tu
 import torch
 
 from llama.decoding import check_prompts
-from llama.lockstep import Lockstep, upload
+from llama.lockstep import Lockstep
 from llama.options import Options
 from llama.streaming import TextStream
 
@@ -457,7 +457,7 @@ class Engine:
 
     def _upload(self, values: List[int]) -> torch.Tensor:
         """Indices on the device, without waiting for the steps already launched."""
-        return upload(torch.tensor(values, dtype=torch.long), self.device)
+        return self.lockstep.upload(values)
 
     def _take_all(self) -> None:
         """Takes in every launched step, oldest first."""

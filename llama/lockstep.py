@@ -17,13 +17,46 @@ from llama.model import Transformer
 STOP, PREFILL, DECODE = 0, 1, 2
 
 
-def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor `t` on `device`, without waiting for the device: a plain copy to CUDA waits
-    for all the work queued before it (the step just launched); this one goes from pinned
-    memory, asynchronously (torch keeps the pinned block until the copy is done)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+class Uploads:
+    """Small lists of ints (indices, positions, step headers) to a device, without waiting for
+    it: a plain copy to CUDA waits for all the work queued before it (the step just
+    launched); these go from pinned memory, asynchronously.
+
+    The pinned memory is one block, allocated once, used as a ring in two halves: pinning
+    a new block for each list cost the serving engine about a tenth of its host time. Before
+    the ring comes back to a half, the copies out of it are waited for (an event recorded
+    when it was left, long done by then: a half holds hundreds of steps' lists). A list too
+    long for a half gets a pinned block of its own.
+    """
+
+    def __init__(self, device: torch.device, size: int = 1 << 16):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._half = size // 2
+        self._ring = torch.empty(size, dtype=torch.long, pin_memory=True) if self.cuda else None
+        self._host = self._ring.numpy() if self.cuda else None
+        self._at = 0
+        self._left = [None, None]  # per half: the event recorded when the ring last left it
+
+    def __call__(self, values: List[int]) -> torch.Tensor:
+        if not self.cuda:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+        n = len(values)
+        if n > self._half:
+            return torch.tensor(values, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+        half = self._at // self._half
+        if self._at + n > (half + 1) * self._half:  # on to the other half
+            event = torch.cuda.Event()
+            event.record()
+            self._left[half] = event
+            half = 1 - half
+            if self._left[half] is not None:
+                self._left[half].synchronize()
+            self._at = half * self._half
+        at = self._at
+        self._host[at : at + n] = values
+        self._at = at + n
+        return self._ring[at : at + n].to(self.device, non_blocking=True)
 
 
 class Lockstep:
@@ -42,6 +75,8 @@ class Lockstep:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         nccl = self.world_size > 1 and dist.get_backend() == "nccl"
         self.wire = self.device if nccl else torch.device("cpu")  # where broadcast tensors live
+        self.upload = Uploads(self.device)
+        self._upload_wire = self.upload if self.wire == self.device else Uploads(self.wire)
 
     def prepare(self) -> None:
         """Records the decode graphs where they are used (before any request holds a row)."""
@@ -57,8 +92,7 @@ class Lockstep:
             raise ValueError("all_logits prefills one prompt at a time")
         longest = max(len(p) for p in prompts)
         padded = [p + [0] * (longest - len(p)) for p in prompts]
-        t = upload(torch.tensor(rows + [len(p) for p in prompts] + [x for p in padded for x in p], dtype=torch.long),
-                   self.device)
+        t = self.upload(rows + [len(p) for p in prompts] + [x for p in padded for x in p])
         self._send(PREFILL, len(rows), int(all_logits), t)
         return self._prefill(len(rows), int(all_logits), t)
 
@@ -66,7 +100,7 @@ class Lockstep:
         """Logits (bs, vocab) of tokens[i] (a (bs,) tensor, on the model's device or the host) at
         positions[i] of cache row i, for rows 0 .. bs - 1. Waits for nothing on the device (the
         positions go up from pinned memory), so the host may go on while the step runs."""
-        positions_t = upload(torch.tensor(positions, dtype=torch.long), self.device)
+        positions_t = self.upload(positions)
         t = torch.cat([tokens.to(self.device).reshape(-1), positions_t])
         kv_len = max(positions) + 1
         self._send(DECODE, len(positions), kv_len, t)
@@ -94,7 +128,7 @@ class Lockstep:
         if self.world_size == 1:
             return
         n = 0 if payload is None else payload.numel()
-        dist.broadcast(upload(torch.tensor([kind, a, b, n], dtype=torch.long), self.wire), src=0)
+        dist.broadcast(self._upload_wire([kind, a, b, n]), src=0)
         if n:
             dist.broadcast(payload.to(self.wire), src=0)  # (already there, but for gloo with CUDA ranks)
 

@@ -1,7 +1,7 @@
 """SentencePiece tokenizer, as Meta's reference wraps it."""
 
 import os
-from typing import List
+from typing import List, Optional, Tuple
 
 from sentencepiece import SentencePieceProcessor
 
@@ -35,6 +35,7 @@ class Tokenizer:
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
         assert self.sp_model.vocab_size() == self.sp_model.get_piece_size()
+        self._pieces: Optional[Tuple[List[Optional[str]], List[str]]] = None
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Token ids of `s`, with BOS before and EOS after when asked."""
@@ -49,3 +50,18 @@ class Tokenizer:
 
     def decode(self, t: List[int]) -> str:
         return self.sp_model.decode(t)
+
+    def pieces(self) -> Tuple[List[Optional[str]], List[str]]:
+        """Per token id: the text it adds after text that is already there (None for byte,
+        unknown and control tokens, whose text depends on their neighbours), and its text
+        alone (`decode([id])`). Built on first use (a few tenths of a second), for
+        incremental decoding (`llama.streaming.TextStream`)."""
+        if self._pieces is None:
+            sp = self.sp_model
+            joined: List[Optional[str]] = []
+            for i in range(self.n_words):
+                piece = sp.id_to_piece(i)
+                plain = not (sp.is_byte(i) or sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i))
+                joined.append(piece.replace("\u2581", " ") if plain and "\ufffd" not in piece else None)
+            self._pieces = joined, [sp.decode([i]) for i in range(self.n_words)]
+        return self._pieces

@@ -241,3 +241,23 @@ def test_cuda_graphs_concurrent_requests_equal_single_runs(ckpts, build):
                                       for p, n in zip(PROMPTS, lengths)])
         for handle, p, n in zip(handles, PROMPTS, lengths):
             assert_same(handle.result(), ref.text_completion([p], temperature=0, max_gen_len=n, logprobs=True)[0])
+
+
+@pytest.mark.gpu
+def test_uploads_ring_keeps_every_list_while_the_device_lags():
+    """Lists through the pinned ring, many times round it, each queued behind a long kernel:
+    none is overwritten before its copy ran; a list longer than half the ring goes apart."""
+    from llama.lockstep import Uploads
+
+    up = Uploads(torch.device("cuda"), size=64)
+    sent, got = [], []
+    for i in range(200):
+        if i % 50 == 0:
+            torch.cuda._sleep(20_000_000)  # the copies below wait behind it
+        values = list(range(i, i + 1 + i % 7))
+        sent.append(values)
+        got.append(up(values))
+    big = list(range(100))
+    assert up(big).tolist() == big
+    assert [g.tolist() for g in got] == sent
+    assert Uploads(torch.device("cpu"))([3, 1]).tolist() == [3, 1]

@@ -127,6 +127,20 @@ def test_streamed_completion_joins_to_the_text(client, ref):
         assert chunks[-1].usage.completion_tokens == 40
 
 
+def test_stream_lines_survive_unicode_line_breaks(url, ref):
+    """Text with the characters Python's splitlines ends lines at (JSON leaves them raw) reads
+    back whole with httpx's aiter_lines: each is escaped in the event's JSON."""
+    prompt = "a\u2028b\x85c\u2029d"
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True, "stream": True}
+    texts = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                texts.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(texts) == greedy(ref, prompt, 3, echo=True)["generation"]
+    assert "".join(texts).startswith(prompt)
+
+
 def test_chat_equals_chat_completion(client, ref):
     want = ref.chat_completion([DIALOG], temperature=0, max_gen_len=24, logprobs=True)[0]
     got = client.chat.completions.create(model="tiny", messages=DIALOG, max_tokens=24, temperature=0, logprobs=True,

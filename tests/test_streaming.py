@@ -1,5 +1,7 @@
 """Streams, stop strings and the sampling controls (all off by default)."""
 
+import random
+
 import pytest
 import torch
 
@@ -22,6 +24,36 @@ def test_text_stream_joins_to_decode(tok, text):
     pieces = [stream.add(i) for i in ids] + [stream.finish()]
     assert "".join(pieces) == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)  # byte-fallback characters are never split
+
+
+class _DecodeOnly:
+    """The tokenizer without its piece table: every token takes TextStream's two decodes."""
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("stops", [(), ("\n", "ing t"), ("e",)])
+def test_text_stream_shortcut_equals_decoding(tok, seed, stops):
+    """Random ids, rich in byte, space, newline, unknown and control tokens: the piece-table
+    shortcut streams exactly what decoding each step does (deltas, ends, stop, echo)."""
+    rng = random.Random(seed)
+    special = [0, 1, 2, 13, 29871, 29889] + list(range(3, 259))  # unk, bos, eos, "\n", "▁", ".", bytes
+    utf8 = [tok.sp_model.piece_to_id(f"<0x{b:02X}>") for b in "é🦙".encode()]
+    for _ in range(30):
+        ids = []
+        while len(ids) < 40:
+            r = rng.random()
+            ids += utf8 if r < 0.1 else [rng.choice(special)] if r < 0.4 else [rng.randrange(tok.n_words)]
+        after = tok.encode("Once upon", bos=True, eos=False) if rng.random() < 0.5 else ()
+        fast, slow = TextStream(tok, stops, after), TextStream(_DecodeOnly(tok), stops, after)
+        got = [fast.add(i) for i in ids] + [fast.finish()]
+        want = [slow.add(i) for i in ids] + [slow.finish()]
+        assert got == want
+        assert (fast.text, fast.ends, fast.stopped) == (slow.text, slow.ends, slow.stopped)
+        if not stops and not after:
+            assert "".join(got) == tok.decode(ids)
 
 
 def test_text_stream_holds_back_a_possible_stop(tok):
