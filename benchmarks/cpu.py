@@ -1,6 +1,6 @@
 """On a CPU: ours beside llama.cpp, same machine, same threads, random weights of the same shape.
 
-    python benchmarks/cpu.py --shape 1B [--threads 2] [--formats bf16,int8,int4]
+    python benchmarks/cpu.py --shape 1B [--threads 2] [--formats bf16,int8,int4] [--fast]
                              [--llama_bench PATH --gguf_dir DIR]
 
 For each format, in a fresh process (so that peak memory is that format's alone): load
@@ -43,7 +43,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def child(ckpt: str, fmt: str, threads: int) -> dict:
+def child(ckpt: str, fmt: str, threads: int, fast: bool = False) -> dict:
     """One format, in this process; returns its measurements."""
     import torch
 
@@ -51,11 +51,11 @@ def child(ckpt: str, fmt: str, threads: int) -> dict:
 
     t0 = time.perf_counter()
     llama = Llama.build(ckpt, TOKENIZER, max_seq_len=640, max_batch_size=1, device="cpu", dtype="bfloat16",
-                        quantize=None if fmt == "bf16" else fmt, threads=threads)
+                        quantize=None if fmt == "bf16" else fmt, threads=threads, fast=fast or None)
     load_s = time.perf_counter() - t0
     tok = llama.tokenizer
     gen = torch.Generator().manual_seed(0)
-    out = {"format": fmt, "load_s": load_s, "threads": torch.get_num_threads()}
+    out = {"format": fmt, "load_s": load_s, "threads": torch.get_num_threads(), "fast": fast}
     with torch.inference_mode():
         for n in (64, 512):
             prompt = torch.randint(100, 30000, (1, n), generator=gen)
@@ -99,10 +99,11 @@ def main():
     p.add_argument("--ckpt_dir", default=None)
     p.add_argument("--llama_bench", default=None, help="llama.cpp's llama-bench binary")
     p.add_argument("--gguf_dir", default="/tmp/llamacpp-anchor", help="llama2-<shape>-random-<type>.gguf files")
-    p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fast", action="store_true", help="the fast path (fast=True) rather than the CPU's default")
+    p.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(child(a.child[0], a.child[1], int(a.child[2]))), flush=True)
+        print("RESULT " + json.dumps(child(a.child[0], a.child[1], int(a.child[2]), a.child[3] == "fast")), flush=True)
         return
     ckpt = Path(a.ckpt_dir or f"/tmp/cpu-bench-{a.shape}")
     if not (ckpt / "params.json").exists():
@@ -114,10 +115,11 @@ def main():
         with open(f, "rb") as fh:
             while fh.read(1 << 26):
                 pass
-    print(f"{cpu_name()}, {a.threads} threads, {a.shape} shape", flush=True)
+    print(f"{cpu_name()}, {a.threads} threads, {a.shape} shape{', fast path' if a.fast else ''}", flush=True)
     rows = []
     for fmt in a.formats.split(","):
-        res = subprocess.run([sys.executable, __file__, "--child", str(ckpt), fmt, str(a.threads)], cwd=REPO,
+        res = subprocess.run([sys.executable, __file__, "--child", str(ckpt), fmt, str(a.threads),
+                              "fast" if a.fast else "default"], cwd=REPO,
                              capture_output=True, text=True)
         line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
         ours = json.loads(line[7:]) if line else {"error": res.stderr[-800:]}

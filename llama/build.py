@@ -172,7 +172,11 @@ def finish_model(model: Transformer, dtype: torch.dtype, spec: Optional[QuantSpe
     in their stored form, so before `quant.prepare`); returns the decoder."""
     if use_fast:
         fast.transform(model)
+    elif spec is None and model.rope.device.type == "cpu" and dtype in kernels.cpu_gemv.DTYPES:
+        fast.kernel_layers(model)  # batch-1 products at the memory's speed (llama.kernels.cpu_gemv)
     if spec is not None:
         quant.prepare(model, dtype)
+    if model.rope.device.type == "cpu":
+        kernels.cpu_gemv.prepare(p for p in model.parameters() if p.dim() == 2)  # in the background
     return FastDecoder(model) if use_fast else FaithfulDecoder(model)
 

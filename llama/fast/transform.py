@@ -42,3 +42,17 @@ def transform(model: Transformer) -> Transformer:
     model.output = parallel.map_local(model.output, _kernel_layer)
     model.norm = Norm.like(model.norm)
     return model
+
+
+def kernel_layers(model: Transformer) -> Transformer:
+    """Every plain linear layer of `model` becomes its kernel twin over the same weight (no
+    copy, nothing joined), so that the faithful decoder's products take the kernels too (on
+    the CPU: one row times a 16-bit weight, `llama.kernels.cpu_gemv`); the arithmetic of
+    every other product is torch's, as before. In place; returns `model`."""
+    for layer in model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        for owner, names in ((attn, ("wq", "wk", "wv", "wo")), (ffn, ("w1", "w2", "w3"))):
+            for name in names:
+                setattr(owner, name, parallel.map_local(getattr(owner, name), _kernel_layer))
+    model.output = parallel.map_local(model.output, _kernel_layer)
+    return model

@@ -3,7 +3,9 @@
 Each function here has a pure-torch definition in `llama.kernels.reference`, which runs
 where no kernel applies and which the kernels are tested against. On CUDA with Triton,
 small products (decode steps) and the decode attention run in this package's Triton
-kernels (`triton_kernels`); large products go to cuBLAS.
+kernels (`triton_kernels`); large products go to cuBLAS. On the CPU, one row times a
+16-bit weight runs in code torch.compile writes (`cpu_gemv`), quantized products of many
+rows dequantize tiles (`cpu`), the rest is torch's.
 
 Why hand-written kernels rather than torch.compile: compiling the decode step costs
 10-25 s in every fresh process (3 s and more even with warm caches), which is longer
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import cache, distributed
-from llama.kernels import cpu, reference
+from llama.kernels import cpu, cpu_gemv, reference
 
 _AVAILABLE = None
 
@@ -87,14 +89,18 @@ def _gemv_ok(x: torch.Tensor, residual) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, gated: bool = False, norm=None, residual=None) -> torch.Tensor:
     """x @ w.T for x (..., K) and a 16-bit or float32 weight (N, K). `gated`: w is [w1; w3] and the
     result silu(x @ w1.T) * (x @ w3.T) (..., N // 2); `norm` (weight, eps): x RMSNorm'ed first;
-    `residual`: added to the result. One GEMV kernel for one row on CUDA; cuBLAS otherwise."""
+    `residual`: added to the result. One GEMV kernel for one row on CUDA (`cpu_gemv` on the CPU);
+    cuBLAS (torch's matmul) otherwise."""
     if _gemv_ok(x, residual) and w.dtype == x.dtype and w.is_contiguous():
         y = _triton().gemv(x.reshape(1, -1), w, None, None, "float", gated, norm=norm,
                            residual=None if residual is None else residual.reshape(1, -1))
         return y.reshape(*x.shape[:-1], y.shape[-1])
     if norm is not None:
         x = rms_norm(x, *norm)
-    y = F.linear(x, w)
+    if _rows(x) == 1 and cpu_gemv.usable(x, w):
+        y = cpu_gemv.gemv(x, w).reshape(*x.shape[:-1], w.shape[0])
+    else:
+        y = F.linear(x, w)
     y = silu_mul(y) if gated else y
     return y if residual is None else residual + y
 
