@@ -1,7 +1,9 @@
 """The start-up cache: what preparing the fast path produces, kept for later runs.
 
-It holds Triton's compiled kernels (Triton's own cache, pointed here) and the kernel
-launch configurations measured on this GPU. Nothing in it depends on weight values.
+It holds Triton's compiled kernels (Triton's own cache, pointed here), the kernel
+launch configurations measured on this GPU, and the CPU's compiled batch-1 products
+(`llama.kernels.cpu_gemv`, folder cpu-gemv/, keyed there by torch, that code and the
+CPU). Nothing in it depends on weight values.
 Entries are keyed by everything they depend on (torch, Triton and this library's kernel
 code, the GPU), so an entry written by another version or GPU is never read; writes are
 atomic, so processes running side by side (torchrun ranks, two users) never corrupt it;
