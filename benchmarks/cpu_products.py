@@ -2,7 +2,8 @@
 
     python benchmarks/cpu_products.py [--shape 1B] [--threads 2] [--rows 1,4,16,64,512] [--layers wqkv,w13]
 
-Paths: bf16 (torch's matmul on the bf16 weight), int8pack (`_weight_int8pack_mm`),
+Paths: bf16 (torch's matmul on the bf16 weight), bf16gemv (one row: `llama.kernels.cpu_gemv`'s
+compiled package; a first run has none and builds them as it ends, so run twice), int8pack (`_weight_int8pack_mm`),
 int4pack (`_weight_int4pack_mm_for_cpu`, groups of 128), and the tiled dequantization of
 `llama.kernels.cpu` (int8tile, int4tile). Milliseconds per product, best of a few, with
 enough copies of each weight cycled that they do not fit in the caches (above 200 MB),
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama import quant  # noqa: E402
-from llama.kernels import cpu  # noqa: E402
+from llama.kernels import cpu, cpu_gemv  # noqa: E402
 
 SHAPES = {"1B": dict(dim=2048, hidden=5632, heads=32, kv_heads=4, vocab=32000)}
 
@@ -42,6 +43,7 @@ def forms(n: int, k: int):
 
 PATHS = {
     "bf16": ("bf16", lambda x, w: F.linear(x, w)),
+    "bf16gemv": ("bf16", lambda x, w: cpu_gemv.gemv(x, w)),
     "int8pack": ("int8", lambda x, q, s: torch._weight_int8pack_mm(x, q, s)),
     "int8tile": ("int8", lambda x, q, s: cpu.int8_mm(x, q, s)),
     "int4pack": ("int4", lambda x, w, sz: torch._weight_int4pack_mm_for_cpu(x, w, 128, sz)),
@@ -86,6 +88,10 @@ def main():
                     fmt, fn = PATHS[path]
                     if path == "int4tile" and cpu.int4pack_layout() != "known":
                         continue
+                    if path == "bf16gemv":
+                        cpu_gemv.prepare([copies[0]["bf16"][0]])
+                        if m != 1 or not cpu_gemv.usable(x, copies[0]["bf16"][0]):
+                            continue
                     ms = best_ms(lambda c: fn(x, *c[fmt]), copies, a.reps)
                     cells.append(f"{path} {ms:.3f} ({nbytes[fmt] / ms / 1e6:.1f})")
                 print(f"{name} {n}x{k} rows {m}: " + ", ".join(cells), flush=True)

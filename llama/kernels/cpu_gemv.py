@@ -21,6 +21,7 @@ the package's name, products stay torch's, and one line says so.
 
 import argparse
 import atexit
+import functools
 import hashlib
 import os
 import platform
@@ -89,6 +90,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _READY[(w.shape[1], w.dtype)]([x.reshape(1, -1).contiguous(), w])[0]
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_key() -> str:
     """What a package's code depends on: torch, this file, the CPU (model and vector extensions)."""
     model = platform.processor() or platform.machine()
@@ -184,7 +186,8 @@ def _build_at_exit() -> None:
         fresh.append(str(path))
     if not fresh:
         return
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    # inductor writes a serial loop for one thread: the package gets this process's threads (2 at least)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(2, torch.get_num_threads())), PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[2])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     try:
         proc = subprocess.Popen([sys.executable, "-m", "llama.kernels.cpu_gemv", *fresh], env=env,
