@@ -1,5 +1,6 @@
 """Batch-1 products of 16-bit weights on the CPU through compiled packages (llama.kernels.cpu_gemv)."""
 
+import os
 import warnings
 
 import pytest
@@ -12,13 +13,26 @@ from llama.kernels import cpu_gemv
 from tests.conftest import TOKENIZER
 
 
+class Builders:
+    """Stands in for the builder processes: records their commands, gives each a pid."""
+
+    def __init__(self):
+        self.started = []
+
+    def __call__(self, cmd, env):
+        self.started.append(cmd)
+        return 4242
+
+
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """An empty cache folder and no package loaded or pending."""
+    """An empty cache folder, no package loaded or pending, builders recorded (not run)."""
     monkeypatch.setenv("LLAMA_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_gemv, "_READY", {})
     monkeypatch.setattr(cpu_gemv, "_PENDING", {})
-    return tmp_path
+    builders = Builders()
+    monkeypatch.setattr(cpu_gemv, "_start", builders)
+    return builders
 
 
 def test_pieces_are_the_fewest_short_enough():
@@ -34,21 +48,16 @@ def test_product_is_the_matmul():
         torch.testing.assert_close(got.float(), x.float() @ w.float().T, rtol=1e-2, atol=0.1)
 
 
-def test_missing_packages_wait_for_the_process_end(fresh, monkeypatch):
+def test_missing_packages_are_built_in_the_background(fresh):
     w = torch.zeros(512, 2048, dtype=torch.bfloat16)
     small = torch.zeros(64, 64, dtype=torch.bfloat16)  # too small to want one
     cpu_gemv.prepare([w, w.float(), small])
     path = cpu_gemv.package_path(2048, torch.bfloat16)
     assert list(cpu_gemv._PENDING.values()) == [path] and not cpu_gemv.usable(torch.zeros(1, 2048).bfloat16(), w)
-    started = []
-    monkeypatch.setattr(cpu_gemv.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or
-                        type("P", (), {"pid": 0})())
-    monkeypatch.setattr(cpu_gemv.os, "setpriority", lambda *a: None)
-    cpu_gemv._build_at_exit()
-    assert started and started[0][-1] == str(path) and path.with_suffix(".building").exists()
-    started.clear()
-    cpu_gemv._build_at_exit()  # another process (this one, earlier) builds it already
-    assert not started
+    assert len(fresh.started) == 1 and fresh.started[0][-1] == str(path)
+    assert path.with_suffix(".building").read_text() == "4242"
+    cpu_gemv.prepare([torch.zeros(300, 2048, dtype=torch.bfloat16)])  # the same width: nothing new
+    assert len(fresh.started) == 1
 
 
 def test_a_failed_build_is_said_once_and_not_retried(fresh, monkeypatch):
@@ -85,11 +94,39 @@ def test_bf16_cpu_builds_route_products_through_the_kernels(ckpts, monkeypatch, 
     assert isinstance(out, str) and out
 
 
+def test_a_package_that_fails_its_trial_is_never_used(fresh, monkeypatch):
+    import subprocess
+
+    import torch._inductor
+
+    path = cpu_gemv.package_path(2048, torch.bfloat16)
+    path.parent.mkdir(parents=True)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda program, package_path: open(package_path, "wb").write(b"built"))
+    monkeypatch.setattr(cpu_gemv.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, -11, "", ""))
+    with pytest.raises(RuntimeError, match="trial run"):
+        cpu_gemv.build(2048, torch.bfloat16, path)
+    assert not path.exists() and "signal 11" in path.with_suffix(".failed").read_text()
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".pt2"]  # no temporary left either
+
+
+def test_a_lock_of_a_dead_builder_does_not_block(fresh, monkeypatch):
+    path = cpu_gemv.package_path(2048, torch.bfloat16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".building").write_text(str(os.getpid()))  # alive: this process
+    cpu_gemv.prepare([torch.zeros(512, 2048, dtype=torch.bfloat16)])
+    assert not fresh.started
+    monkeypatch.setattr(cpu_gemv, "_PENDING", {})
+    path.with_suffix(".building").write_text("999999999")  # no such process
+    cpu_gemv.prepare([torch.zeros(512, 2048, dtype=torch.bfloat16)])
+    assert len(fresh.started) == 1 and path.with_suffix(".building").read_text() == "4242"
+
+
 @pytest.mark.slow
 def test_a_built_package_loads_and_multiplies_any_rows(fresh):
     """The real thing: compile one width (about half a minute), load it as a later run would,
     and multiply weights of two row counts."""
-    k = 256
+    k = 512
     path = cpu_gemv.package_path(k, torch.bfloat16)
     path.parent.mkdir(parents=True)
     try:
