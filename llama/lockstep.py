@@ -35,7 +35,8 @@ class Uploads:
         self._half = size // 2
         self._ring = torch.empty(size, dtype=torch.long, pin_memory=True) if self.cuda else None
         self._host = self._ring.numpy() if self.cuda else None
-        self._at = 0
+        self._cur = 0  # the half in use
+        self._at = 0  # the next free element (in the half in use)
         self._left = [None, None]  # per half: the event recorded when the ring last left it
 
     def __call__(self, values: List[int]) -> torch.Tensor:
@@ -44,19 +45,27 @@ class Uploads:
         n = len(values)
         if n > self._half:
             return torch.tensor(values, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
-        half = self._at // self._half
-        if self._at + n > (half + 1) * self._half:  # on to the other half
-            event = torch.cuda.Event()
-            event.record()
-            self._left[half] = event
-            half = 1 - half
-            if self._left[half] is not None:
-                self._left[half].synchronize()
-            self._at = half * self._half
-        at = self._at
+        at = self._place(n)
         self._host[at : at + n] = values
-        self._at = at + n
         return self._ring[at : at + n].to(self.device, non_blocking=True)
+
+    def _place(self, n: int) -> int:
+        """Where the next n values go: in the half in use if they fit, else at the start of the
+        other half, once the copies out of it have been done."""
+        if self._at + n > (self._cur + 1) * self._half:
+            self._left[self._cur] = self._record()
+            self._cur = 1 - self._cur
+            if self._left[self._cur] is not None:
+                self._left[self._cur].synchronize()
+            self._at = self._cur * self._half
+        at, self._at = self._at, self._at + n
+        return at
+
+    @staticmethod
+    def _record():
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
 
 class Lockstep:

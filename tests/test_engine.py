@@ -261,3 +261,27 @@ def test_uploads_ring_keeps_every_list_while_the_device_lags():
     assert up(big).tolist() == big
     assert [g.tolist() for g in got] == sent
     assert Uploads(torch.device("cpu"))([3, 1]).tolist() == [3, 1]
+
+
+def test_uploads_ring_switches_halves_only_after_their_copies():
+    """The ring's placement (the CUDA-free part): lists fill a half exactly, then the next
+    goes to the other half, which is waited for first; nothing runs past the ring's end."""
+    from llama.lockstep import Uploads
+
+    class Event:
+        def __init__(self, log, name):
+            self.log, self.name = log, name
+
+        def synchronize(self):
+            self.log.append(f"wait {self.name}")
+
+    log = []
+    up = Uploads(torch.device("cpu"), size=64)
+    up._record = lambda: Event(log, f"left {up._cur}")
+    offsets = []
+    for n in [8] * 4 + [8] * 4 + [8] + [30, 3]:
+        at = up._place(n)
+        assert at + n <= 64 and (at < 32) == (at + n <= 32)  # within one half
+        offsets.append(at)
+    assert offsets == [0, 8, 16, 24, 32, 40, 48, 56, 0, 32, 0]
+    assert log == ["wait left 0", "wait left 1", "wait left 0"]
