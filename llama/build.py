@@ -176,7 +176,7 @@ def finish_model(model: Transformer, dtype: torch.dtype, spec: Optional[QuantSpe
         fast.kernel_layers(model)  # batch-1 products at the memory's speed (llama.kernels.cpu_gemv)
     if spec is not None:
         quant.prepare(model, dtype)
-    if model.rope.device.type == "cpu":
-        kernels.cpu_gemv.prepare(p for p in model.parameters() if p.dim() == 2)  # in the background
+    if model.rope.device.type == "cpu":  # (the layers whose products go through `kernels.linear`)
+        kernels.cpu_gemv.prepare(m.weight for m in model.modules() if isinstance(m, fast.modules.Linear))
     return FastDecoder(model) if use_fast else FaithfulDecoder(model)
 

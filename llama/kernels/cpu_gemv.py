@@ -89,11 +89,12 @@ def _suits(w: torch.Tensor) -> bool:
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether x (one row) @ w.T goes through here now (its width's package is loaded)."""
+    """Whether x (one row) @ w.T goes through here now (its width's package is loaded; no
+    autograd: the package's result has no gradient)."""
     if _PENDING:
         _look()
     return ((w.shape[-1], w.dtype) in _READY and x.dtype == w.dtype and x.device.type == "cpu" and _suits(w)
-            and x.numel() == w.shape[1])
+            and x.numel() == w.shape[1] and not torch.is_grad_enabled())
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,7 @@ def _failed(path: Path) -> bool:
     _SAID.add(marker)
     reason = marker.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
     distributed.log(f"batch-1 products on this CPU use torch's matmul: their compiled form could not be built "
-                f"({reason[0][:200]}; delete {marker} to try again)")
+                    f"({reason[0][:200]}; delete {marker} to try again)")
     return True
 
 
