@@ -65,27 +65,26 @@ class TextStream:
         self._read = 0
         pieces = getattr(tokenizer, "pieces", None)
         self._joined, self._alone = pieces() if pieces is not None else (None, None)
-        self._before = ""  # what tokens[_prefix:_read] decode to, when known (with no `after` in it)
+        self._settled_text = False  # tokens[_prefix:_read] (no `after` in them) are known to decode to some text
 
     def add(self, token: int) -> str:
         """Adds a token; returns the newly settled text (possibly empty)."""
         if self.stopped:
             return ""
         self.tokens.append(token)
-        piece = self._joined[token] if self._joined is not None and 0 <= token < len(self._joined) else None
-        if piece is not None and self._before and self._read == len(self.tokens) - 1:
-            delta = piece  # (the shortcut: what the two decodes below would give)
+        single = self._read == len(self.tokens) - 1  # nothing unsettled before this token
+        known = self._joined is not None and 0 <= token < len(self._joined)
+        if single and known and self._settled_text and self._joined[token] is not None:
+            delta = self._joined[token]  # (the shortcut: what the two decodes below would give)
         else:
             before, after = self._decode(self._read), self._decode(len(self.tokens))
             if len(after) <= len(before) or after.endswith("\ufffd"):  # an unfinished UTF-8 character
                 return ""
             delta = after[len(before) :]
-        single = self._read == len(self.tokens) - 1
         searched_from = max(0, len(self.text) - self.longest_stop + 1)
         self.text += delta
         self._prefix, self._read = self._read, len(self.tokens)
-        known = single and self._prefix > 0 and self._alone is not None and 0 <= token < len(self._alone)
-        self._before = self._alone[token] if known else None
+        self._settled_text = single and known and self._prefix > 0 and self._alone[token] != ""
         self.ends += [len(self.text)] * (len(self.tokens) - len(self.ends))
         if not self.stops:
             return self._emit(len(self.text))
@@ -103,7 +102,7 @@ class TextStream:
             before = self._decode(self._read)
             self.text += self._decode(len(self.tokens))[len(before) :]
             self._read = len(self.tokens)
-            self._before = None
+            self._settled_text = False
             self.ends += [len(self.text)] * (len(self.tokens) - len(self.ends))
             cut = find_stop(self.text, self.stops, searched_from) if self.stops else None
             if cut is not None:
