@@ -37,7 +37,8 @@ from common import SHAPES, TOKENIZER, fast_decoder, no_eos, random_model  # noqa
 from llama import Llama  # noqa: E402
 from llama.config import ModelArgs  # noqa: E402
 from llama.distributed import choose_device, init_model_parallel, shutdown  # noqa: E402
-from llama.engine import Engine  # noqa: E402
+from llama.engine import Engine, Request  # noqa: E402
+from llama.options import Options  # noqa: E402
 from llama.server import create_app  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -62,7 +63,6 @@ def clients(url: str, jobs: list, concurrency: int) -> list:
     procs = [subprocess.Popen([sys.executable, str(script), "--url", url, "--model", MODEL, "--concurrency",
                                str(len(range(k, concurrency, n)))], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(n)]
-    outs = []
     for proc, share in zip(procs, shares):  # every process gets its jobs before any is read from
         proc.stdin.write(json.dumps([jobs[i] for i in share]))
         proc.stdin.close()
@@ -131,31 +131,28 @@ def engine_rate(engine: Engine, tokenizer: Tokenizer, concurrency: int, n: int, 
                 new_tokens: int) -> float:
     """Tokens/s of the engine alone (no HTTP): n greedy requests, `concurrency` of them in flight,
     each finished one replaced by the next from its callback (in the engine's thread)."""
-    from llama.engine import Request
-    from llama.options import Options
-
     prompt = tokenizer.encode(prompt_of(prompt_len), bos=True, eos=False)
-    left, done, tokens = [n - concurrency], threading.Event(), [0]
-    lock = threading.Lock()
+    count = {"submitted": concurrency, "finished": 0, "tokens": 0}
+    lock, done = threading.Lock(), threading.Event()
 
     def on_output(out):
         if out.finish_reason is None:
             return
         with lock:
-            tokens[0] += out.completion_tokens
-            more = left[0] > 0
-            left[0] -= 1
-            finished = left[0] < -concurrency + 1
+            count["tokens"] += out.completion_tokens
+            count["finished"] += 1
+            more = count["submitted"] < n
+            count["submitted"] += more
         if more:
             engine.submit(job)
-        elif finished:
+        elif count["finished"] == n:
             done.set()
 
     job = Request(prompt, Options(temperature=0, max_gen_len=new_tokens), on_output=on_output)
     t0 = time.perf_counter()
     engine.submit_many([job] * concurrency)
     done.wait()
-    return tokens[0] / (time.perf_counter() - t0)
+    return count["tokens"] / (time.perf_counter() - t0)
 
 
 class Sampler:

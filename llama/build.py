@@ -170,13 +170,14 @@ def load_model(ckpt: Checkpoint, rank: int, world_size: int, device: torch.devic
 def finish_model(model: Transformer, dtype: torch.dtype, spec: Optional[QuantSpec], use_fast: bool):
     """The last transforms, in the only order they work (the fast path joins quantized layers
     in their stored form, so before `quant.prepare`); returns the decoder."""
+    on_cpu = model.rope.device.type == "cpu"
     if use_fast:
         fast.transform(model)
-    elif spec is None and model.rope.device.type == "cpu" and dtype in kernels.cpu_gemv.DTYPES:
+    elif spec is None and on_cpu and dtype in kernels.cpu_gemv.DTYPES:
         fast.kernel_layers(model)  # batch-1 products at the memory's speed (llama.kernels.cpu_gemv)
     if spec is not None:
         quant.prepare(model, dtype)
-    if model.rope.device.type == "cpu":  # (the layers whose products go through `kernels.linear`)
+    if on_cpu:  # (the layers whose products go through `kernels.linear`)
         kernels.cpu_gemv.prepare(m.weight for m in model.modules() if isinstance(m, fast.modules.Linear))
     return FastDecoder(model) if use_fast else FaithfulDecoder(model)
 
