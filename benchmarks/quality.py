@@ -33,16 +33,20 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import TOKENIZER  # noqa: E402
 
-from llama import Llama  # noqa: E402
+from llama import Llama, quant  # noqa: E402
 from llama.checkpoint import save_checkpoint  # noqa: E402
 from llama.config import ModelArgs  # noqa: E402
+from llama.layout import QuantSpec, is_quantized_layer  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
 SEQ = 512
 PARAMS = {"dim": 512, "n_layers": 8, "n_heads": 8, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1}
 PROMPTS = ["def fibonacci(n):\n", '"""Return the number of', "import os\n\n\ndef main():\n",
-           "class Stack:\n    \"\"\"A last-in, first-out"]
+           "class Stack:\n    \"\"\"A last-in, first-out",
+           # the end of a file: a document ends in EOS there
+           "def main():\n    print(\"hello\")\n\n\nif __name__ == \"__main__\":\n    main()\n"]
+GEN = 64
 
 
 def corpus_files(max_mb: float):
@@ -119,6 +123,37 @@ def train(train_data: torch.Tensor, seconds: float, device: str) -> Transformer:
         step += 1
     print(f"trained {step} steps of 16 x {SEQ} tokens in {time.time() - t0:.0f} s, last loss {loss.item():.3f}")
     return model
+
+
+def min_max_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    """The int4 format as it was before scales were fitted: each group's 16 levels span its
+    min..max (bf16 scale and zero), dequantized."""
+    g = w.float().reshape(w.shape[0], -1, group)
+    lo, hi = g.amin(2, keepdim=True), g.amax(2, keepdim=True)
+    s = ((hi - lo) / 15).clamp(min=1e-6).bfloat16().float()
+    z = (lo + 8 * s).bfloat16().float()
+    return ((torch.round((g - z) / s + 8).clamp(0, 15) - 8) * s + z).reshape(w.shape)
+
+
+def dequantized_state(state: dict, spec: QuantSpec, min_max: bool = False) -> dict:
+    """The linear weights of `state` through this library's quantizer (`spec`, or with
+    `min_max` the former int4 format) and back to bf16: for rows that vary one choice."""
+    out = {}
+    for key, w in state.items():
+        if not is_quantized_layer(key):
+            continue
+        layer = spec.for_key(key)
+        if layer.mode == "int4" and min_max:
+            out[key] = min_max_int4(w, layer.group).to(torch.bfloat16)
+            continue
+        stored = quant.quantize_weight(key, w, layer)
+        base = key[: -len("weight")]
+        if layer.mode == "int8":
+            back = quant.dequantize_int8(stored[key], stored[base + "weight_scale"])
+        else:
+            back = quant.dequantize_int4(stored[key], stored[base + "weight_scales"], stored[base + "weight_zeros"])
+        out[key] = back.to(torch.bfloat16)
+    return out
 
 
 @torch.inference_mode()
@@ -204,6 +239,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     out = Path(a.out)
+    if a.llama_quantize and not os.access(a.llama_quantize, os.X_OK):
+        p.error(f"--llama_quantize {a.llama_quantize}: no such program")
     t0 = time.time()
     files = corpus_files(a.corpus_mb)
     train_files = [f for f in files if not held_out(f)]
@@ -222,31 +259,47 @@ def main():
     build = dict(max_seq_len=SEQ + 64, max_batch_size=8, device=a.device, dtype="bfloat16", fast=False)
     base = Llama.build(str(out), TOKENIZER, **build)
     rows.append(("bf16", perplexity(base.model, evals, a.device)))
-    for fmt, mode, group in (("int8", "int8", 128), ("int4 g128", "int4", 128), ("int4 g64", "int4", 64),
+    for fmt, mode, group in (("int8", "int8", 128), ("int4 g128 (fitted levels, int8 head)", "int4", 128),
+                             ("int4 g64", "int4", 64),
                              ("int4 g32", "int4", 32)):
         q = Llama.build(str(out), TOKENIZER, quantize=mode, group_size=group, **build)
         rows.append((fmt, perplexity(q.model, evals, a.device)))
         del q
+    state = {k: v for k, v in base.model.state_dict().items()}
+
+    def dequantized_row(name, qstate):
+        copy = Llama.build(str(out), TOKENIZER, **build)
+        copy.model.load_state_dict({k: v.to(a.device) for k, v in qstate.items()}, strict=False)
+        rows.append((name, perplexity(copy.model, evals, a.device)))
+        print(f"{name}: {rows[-1][1]:.3f}", flush=True)
+
+    # what each part of the int4 format does (dequantized into bf16 weights)
+    for group in (128, 32):
+        dequantized_row(f"int4 g{group}, min..max levels, int4 head (the former format)",
+                        dequantized_state(state, QuantSpec("int4", group, "int4"), min_max=True))
+        dequantized_row(f"int4 g{group}, fitted levels, int4 head",
+                        dequantized_state(state, QuantSpec("int4", group, "int4")))
+        dequantized_row(f"int4 g{group}, min..max levels, int8 head",
+                        dequantized_state(state, QuantSpec("int4", group), min_max=True))
+    dequantized_row("int4 g128 head only (the rest bf16)",
+                    {k: v for k, v in dequantized_state(state, QuantSpec("int4", 128, "int4")).items()
+                     if k == "output.weight"})
     if a.llama_quantize:
-        state = {k: v for k, v in base.model.state_dict().items()}
         for qtype, qstate in gguf_weights(out, state, base.model.params, a.llama_quantize, out).items():
-            copy = Llama.build(str(out), TOKENIZER, **build)
-            copy.model.load_state_dict({k: v.to(a.device) for k, v in qstate.items()}, strict=False)
-            rows.append((f"llama.cpp {qtype}", perplexity(copy.model, evals, a.device)))
-            del copy
+            dequantized_row(f"llama.cpp {qtype}", qstate)
     ref = rows[0][1]
     print(f"\nheld-out perplexity, {len(evals)} windows of {SEQ} tokens ({len(test_files)} files never trained on)")
     print("| weights | perplexity | vs bf16 |")
     print("|---|---|---|")
     for name, ppl in rows:
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% |")
-    print("\ngreedy answers (bf16 and int4 g128), up to 48 tokens:")
+    print(f"\ngreedy answers (bf16 and int4 g128), up to {GEN} tokens:")
     int4 = Llama.build(str(out), TOKENIZER, quantize="int4", **dict(build, fast=None))
     for name, llama in (("bf16", base), ("int4", int4)):
-        outs = llama.text_completion(PROMPTS, temperature=0, max_gen_len=48)
-        tokens, _ = llama.generate([llama.tokenizer.encode(x, bos=True, eos=False) for x in PROMPTS], 48, temperature=0)
+        outs = llama.text_completion(PROMPTS, temperature=0, max_gen_len=GEN)
+        tokens, _ = llama.generate([llama.tokenizer.encode(x, bos=True, eos=False) for x in PROMPTS], GEN, temperature=0)
         for prompt, o, t in zip(PROMPTS, outs, tokens):
-            stopped = "stopped at EOS" if len(t) < 48 else "48 tokens, no EOS"
+            stopped = f"stopped at EOS after {len(t)} tokens" if len(t) < GEN else f"{GEN} tokens, no EOS"
             print(f"[{name}] {prompt!r} -> {o['generation']!r} ({stopped})")
 
 

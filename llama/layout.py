@@ -59,10 +59,20 @@ class QuantSpec:
 
     mode: str  # "int8" or "int4"
     group: int = DEFAULT_GROUP  # int4 only: input columns per scale
+    # The output head's mode. int8 by default, as llama.cpp's Q4_K_M keeps its output head in
+    # 6 bits: it is the layer where 4-bit errors cost the most (measured in benchmarks/quality.py).
+    output: str = "int8"
+
+    def for_key(self, key: str) -> "QuantSpec":
+        """The spec of the layer whose weight is `key` ('output.weight' takes `output`'s mode)."""
+        if self.output != self.mode and key.split(".", 1)[0] == "output":
+            return QuantSpec(self.output, self.group, self.output)
+        return self
 
     def params(self) -> dict:
         """The `quantization` entry of a quantized checkpoint's params.json."""
-        return {"mode": self.mode, "group_size": self.group} if self.mode == "int4" else {"mode": self.mode}
+        out = {"mode": self.mode, "group_size": self.group} if self.mode == "int4" else {"mode": self.mode}
+        return out if self.output == self.mode else dict(out, output=self.output)
 
 
 def spec_from_params(quantization) -> Optional[QuantSpec]:
@@ -75,7 +85,10 @@ def spec_from_params(quantization) -> Optional[QuantSpec]:
     group = quantization.get("group_size", DEFAULT_GROUP)
     if not isinstance(group, int) or group < 1 or group & (group - 1):
         raise CheckpointError(f"params.json 'quantization' group_size must be a power of two, got {group!r}")
-    return QuantSpec(quantization["mode"], group)
+    output = quantization.get("output", quantization["mode"])  # older folders: the head in the same mode
+    if output not in QUANT_MODES:
+        raise CheckpointError(f"params.json 'quantization' output should be 'int8' or 'int4', got {output!r}")
+    return QuantSpec(quantization["mode"], group, output)
 
 
 def is_quantized_layer(key: str) -> bool:
@@ -98,6 +111,7 @@ def stored_form(key: str, shape: Tuple[int, int], spec: QuantSpec) -> Dict[str, 
     """
     n, k = shape
     base = key[: -len("weight")]
+    spec = spec.for_key(key)
     if spec.mode == "int8":
         return {key: ((n, k), torch.int8), base + "weight_scale": ((n,), torch.float32)}
     return {key: ((n, k // 2), torch.uint8), base + "weight_scales": ((n, k // spec.group), torch.bfloat16),

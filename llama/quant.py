@@ -2,7 +2,8 @@
 
 Formats (the same in memory and in saved checkpoints): `llama.layout.stored_form`.
 int8 has one symmetric scale per output channel; int4 a scale and a zero per group of
-`group` input columns. Embeddings and norms stay in 16 bit.
+`group` input columns, fitted for the least squared error. The output head is int8 unless
+the spec says otherwise (`QuantSpec.output`); embeddings and norms stay in 16 bit.
 
 Products: on CUDA, this package's Triton kernels read the stored form as it is
 (`llama.kernels.quantized_linear`). On the CPU, torch's `_weight_int8pack_mm` and
@@ -54,19 +55,57 @@ def quantize_int8(w: torch.Tensor, absmax: Optional[torch.Tensor] = None) -> Tup
     return q, scale
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q uint8 (N, K // 2) packed, scales bf16 (N, K // group), zeros bf16 (N, K // group))."""
+# Ranges tried for a group's 16 levels, in steps of the group's (max - min) / 15: the levels
+# span the whole range (15), or clip the largest values of the group (up to 17 steps).
+_INT4_SPANS = (15.0, 15.5, 16.0, 16.5, 17.0)
+
+
+def _int4_fit(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) float32 (..., 1) for groups g (..., G) with the least squared error
+    found, w ~ (q - 8) * scale + zero. For each span in _INT4_SPANS the values are rounded,
+    then scale and zero refitted to them by least squares; the error of each refit is
+    computed from sums over the group (no second rounding), and the best is kept."""
+    n = g.shape[-1]
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    sg, sgg = g.sum(-1, keepdim=True), (g * g).sum(-1, keepdim=True)
+    best_err = best_s = best_z = None
+    for span in _INT4_SPANS:
+        s0 = ((hi - lo) / span).clamp(min=1e-6)
+        x = torch.round((g - lo) / s0).clamp_(0, 15).sub_(8)  # q - 8 for w = (q - 8) * s0 + lo + 8 * s0
+        sx, sxx, sxg = x.sum(-1, keepdim=True), (x * x).sum(-1, keepdim=True), (x * g).sum(-1, keepdim=True)
+        det = n * sxx - sx * sx
+        fits = det > 1e-3  # at least two different levels in the group
+        s = torch.where(fits, (n * sxg - sx * sg) / det.clamp(min=1e-3), s0)
+        s = torch.where(s > 1e-6, s, s0)
+        z = (sg - s * sx) / n
+        err = sgg - 2 * s * sxg - 2 * z * sg + s * s * sxx + 2 * s * z * sx + n * z * z
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err, best_s, best_z = torch.where(better, err, best_err), torch.where(better, s, best_s), \
+                torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def quantize_int4(w: torch.Tensor, group: int, rows: int = 512) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 (N, K // 2) packed, scales bf16 (N, K // group), zeros bf16 (N, K // group)),
+    w = (q - 8) * scale + zero, each group's scale and zero chosen for the least squared
+    error (`_int4_fit`), `rows` output rows at a time (float32 temporaries stay small)."""
     n, k = w.shape
     if k % group:
         raise ValueError(f"int4 groups of {group} do not divide {k} input features")
-    g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(dim=2), g.amax(dim=2)
-    scales = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16)
-    zeros = (lo + 8 * scales.float()).to(torch.bfloat16)  # w = (q - 8) * scale + zero
-    # quantize against the bf16 scale/zero that will be used to dequantize
-    s, z = scales.float()[..., None], zeros.float()[..., None]
-    q = torch.round((g - z) / s + 8).clamp_(0, 15).to(torch.uint8).reshape(n, k)
-    return pack_int4(q), scales, zeros
+    qs, scales, zeros = [], [], []
+    for part in w.split(rows):
+        g = part.float().reshape(part.shape[0], k // group, group)
+        s, z = _int4_fit(g)
+        s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+        # quantize against the bf16 scale/zero that will be used to dequantize
+        q = torch.round((g - z.float()) / s.float() + 8).clamp_(0, 15).to(torch.uint8).reshape(-1, k)
+        qs.append(pack_int4(q))
+        scales.append(s.squeeze(-1))
+        zeros.append(z.squeeze(-1))
+    return torch.cat(qs), torch.cat(scales), torch.cat(zeros)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -77,6 +116,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def quantize_weight(key: str, w: torch.Tensor, spec: Spec, absmax: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The stored form of weight `key` (e.g. 'layers.0.attention.wq.weight'), on w's device."""
     base = key[: -len("weight")]
+    spec = spec.for_key(key)
     if spec.mode == "int8":
         q, scale = quantize_int8(w, absmax)
         return {key: q, base + "weight_scale": scale}
@@ -89,7 +129,7 @@ def whole_row_absmax(shards, world_size: int, spec: Spec) -> Callable[[str], Opt
     weight (cut from the source `shards`), so every rank's slice shares its row's scale and
     any world size quantizes alike; None where a slice's rows are whole."""
     def absmax(key: str) -> Optional[torch.Tensor]:
-        if spec.mode != "int8" or world_size == 1 or split_dim(key) != 1:
+        if spec.for_key(key).mode != "int8" or world_size == 1 or split_dim(key) != 1:
             return None
         return rank_tensor(key, shards, 0, 1).abs().amax(dim=1)
 
@@ -225,7 +265,8 @@ def quantize_modules(model: nn.Module, spec: Spec) -> nn.Module:
     """Replaces the linear layers of a meta-device Transformer (plain or parallelized) with
     QuantLinear stand-ins, ready for a quantized state dict; returns the model."""
     for parent, name in parallel.linear_layers(model):
-        setattr(parent, name, parallel.map_local(getattr(parent, name), lambda lin: QuantLinear.like(lin, spec)))
+        layer_spec = spec.for_key(name + ".weight") if parent is model else spec
+        setattr(parent, name, parallel.map_local(getattr(parent, name), lambda lin: QuantLinear.like(lin, layer_spec)))
     return model
 
 

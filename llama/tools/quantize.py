@@ -32,10 +32,14 @@ def quantized_shard(src: ck.Checkpoint, rank: int, shards: int, spec: QuantSpec,
             for k, t in quant.quantize_items(items, spec, device, absmax)}
 
 
-def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = DEFAULT_GROUP, device=None) -> list:
-    """Writes `ckpt_dir`'s model with quantized linear layers into `out_dir`; returns the shard paths."""
+def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = DEFAULT_GROUP, device=None,
+                 output_mode: str = "int8") -> list:
+    """Writes `ckpt_dir`'s model with quantized linear layers into `out_dir` (the output head
+    in `output_mode`); returns the shard paths."""
     if quant.check_mode(mode) is None:
         raise ValueError("--mode must be int8 or int4")
+    if output_mode not in quant.MODES:
+        raise ValueError(f"--output_mode must be int8 or int4, got {output_mode!r}")
     src = ck.open_checkpoint(ckpt_dir)
     if src.kind != "meta":
         raise ck.CheckpointError(f"{str(ckpt_dir)!r} is a Hugging Face folder: convert it to Meta's format first "
@@ -46,7 +50,7 @@ def quantize_dir(ckpt_dir, mode: str, out_dir, shards=None, group_size: int = DE
     args = src.args
     shards = shards or len(src.shards)
     group = choose_group(args.dim, args.ffn_hidden_dim, group_size, shards) if mode == "int4" else DEFAULT_GROUP
-    spec = QuantSpec(mode, group)
+    spec = QuantSpec(mode, group, output_mode)
     ck.check_split(args, shards, spec, into=f"into {shards} shards ({mode})", fix="use --shards in")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     params = dict(src.params, quantization=spec.params())
@@ -63,6 +67,8 @@ def parser() -> Parser:
           device=dict(help="where to quantize", unset="cuda when present"))
     p.add_argument("--shards", type=int, default=None, metavar="N", unset="as many as the input",
                    help="output shards")
+    p.add_argument("--output_mode", default="int8", choices=quant.MODES,
+                   help="the output head's format (int4: a smaller file, larger errors)")
     return p
 
 
@@ -71,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     t0 = time.time()
     with p.speaking_flags():
-        written = quantize_dir(a.ckpt_dir, a.mode, a.out, a.shards, a.group_size, a.device)
+        written = quantize_dir(a.ckpt_dir, a.mode, a.out, a.shards, a.group_size, a.device, a.output_mode)
     print(f"wrote {len(written)} {a.mode} shard(s), params.json and checklist.chk to {a.out} in {time.time() - t0:.1f} s")
     return 0
 
