@@ -2,9 +2,10 @@
 launch configurations and keeps the best in the start-up cache (and prints them).
 
     python benchmarks/kernels.py [--model 7B] [--tune [gemv|qmm]] [--rows 1,8,32,64,2000] [--formats bf16,int8,int4]
+                                 [--group 128]
 
 Per weight shape of a layer (joined q/k/v, wo, joined w1/w3 gated, w2, output) and format
-(bf16, int8, int4 groups of 128): the GPU time of x (rows, K) @ W.T, with enough copies of
+(bf16, int8, int4 in groups of --group): the GPU time of x (rows, K) @ W.T, with enough copies of
 W cycled to defeat the L2 cache, replayed as a CUDA graph of many calls; µs per call and
 the bandwidth it implies (bytes of weights, scales and zeros read / time), beside cuBLAS
 on the bf16 weight.
@@ -29,10 +30,21 @@ from llama.kernels import tuning  # noqa: E402
 QMM_CANDIDATES = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
                   for n, k, w, st in ((32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3),
                                       (64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3),
-                                      (128, 64, 4, 4))]
+                                      (128, 64, 4, 4), (32, 256, 4, 3), (128, 256, 8, 3))]
+
+
+def qmm_candidates(fmt: str, group: int):
+    """int4: each configuration with the scales applied after each tile's product (FOLD, tiles
+    within a group) and before it (tiles of several groups); int8 has no such choice."""
+    if fmt != "int4":
+        return QMM_CANDIDATES
+    out = [dict(c, FOLD=False) for c in QMM_CANDIDATES]
+    out += [dict(c, FOLD=True) for c in QMM_CANDIDATES if c["BLOCK_K"] <= group]
+    return out
 CANDIDATES = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1)
               for n, k, w in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (8, 2048, 8),
-                              (32, 256, 4), (4, 2048, 4))]
+                              (32, 256, 4), (4, 2048, 4), (16, 1024, 4), (32, 512, 4), (32, 1024, 8), (4, 4096, 4),
+                              (8, 4096, 8), (8, 4096, 4))]
 
 
 def shapes(args: ModelArgs):
@@ -43,14 +55,14 @@ def shapes(args: ModelArgs):
             "output": (args.vocab_size, args.dim, False)}
 
 
-def stored(fmt: str, n: int, k: int, copies: int):
+def stored(fmt: str, n: int, k: int, copies: int, group: int = 128):
     out = []
     for _ in range(copies):
         w = torch.randn(n, k, device="cuda") * 0.02
         if fmt == "bf16":
             out.append((w.to(torch.bfloat16), None, None))
         else:
-            s = quant.quantize_weight("weight", w, quant.Spec(fmt, 128))
+            s = quant.quantize_weight("weight", w, quant.Spec(fmt, group))
             out.append((s["weight"], s.get("weight_scale", s.get("weight_scales")), s.get("weight_zeros")))
     return out
 
@@ -59,13 +71,16 @@ def nbytes(ws) -> int:
     return sum(t.numel() * t.element_size() for t in ws[0] if t is not None)
 
 
-def time_gemv(fmt, ws, k, gated, cfg=None):
+def gemv_key(kind: str, n: int, k: int, gated: bool, group: int) -> str:
+    return f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}" + tuning._group_key(kind, group)
+
+
+def time_gemv(fmt, ws, k, gated, group, cfg=None):
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     kind = "float" if fmt == "bf16" else fmt
     if cfg is not None:
-        key = f"gemv/{kind}/{ws[0][0].shape[0] // (2 if gated else 1)}x{k}/{int(gated)}"
-        tuning._tuned()[key] = cfg
-    return graph_time(lambda i: T.gemv(x, *ws[i % len(ws)], kind, gated, 128), 50)
+        tuning._tuned()[gemv_key(kind, ws[0][0].shape[0], k, gated, group)] = cfg
+    return graph_time(lambda i: T.gemv(x, *ws[i % len(ws)], kind, gated, group), 50)
 
 
 def main():
@@ -76,6 +91,7 @@ def main():
                    help="try each configuration of the GEMV, the several-row product (qmm) or both; keep the best "
                         "in the cache")
     p.add_argument("--formats", default="bf16,int8,int4")
+    p.add_argument("--group", type=int, default=128, help="int4 group size (tuned configurations are kept per group)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     args = ModelArgs(**SHAPES[a.model], vocab_size=32000)
@@ -86,33 +102,39 @@ def main():
     for name, (n, k, gated) in shapes(args).items():
         copies = max(2, int(3e9 // (n * k * 2)))  # ~3 GB of bf16 weights cycled: far past the L2
         for fmt in a.formats.split(","):
-            ws = stored(fmt, n, k, copies if fmt == "bf16" else max(2, copies))
+            ws = stored(fmt, n, k, copies if fmt == "bf16" else max(2, copies), a.group)
             size = nbytes(ws)
             kind = "float" if fmt == "bf16" else fmt
             if a.tune in ("all", "gemv"):
                 best = None
-                for cfg in CANDIDATES:
-                    if fmt == "int4" and cfg["BLOCK_K"] < 128:
-                        continue
+                cands = [c for c in CANDIDATES if not (fmt == "int4" and c["BLOCK_K"] < a.group)]
+                x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+                with kernels.compiling_ahead():  # every candidate compiled side by side first
+                    for cfg in cands:
+                        tuning._tuned()[gemv_key(kind, n, k, gated, a.group)] = cfg
+                        T.gemv(x1, *ws[0], kind, gated, a.group)
+                for cfg in cands:
                     try:
-                        t = time_gemv(fmt, ws, k, gated, cfg)
+                        t = time_gemv(fmt, ws, k, gated, a.group, cfg)
                     except Exception as e:  # a configuration the compiler refuses (registers, shared memory)
                         print(f"  {name} {fmt} {cfg}: {type(e).__name__}", flush=True)
                         continue
                     if best is None or t < best[0]:
                         best = (t, cfg)
-                tuned[f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}"] = best[1]
-                tuning._tuned()[f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}"] = best[1]
+                tuned[gemv_key(kind, n, k, gated, a.group)] = tuning._tuned()[gemv_key(kind, n, k, gated, a.group)] = best[1]
             if a.tune in ("all", "qmm") and fmt != "bf16":
                 for m in (r for r in rows if 1 < r < kernels.QUANT_DEQUANT_ROWS):
-                    bucket = tuning.qmm_bucket(m)
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    key = f"qmm/{fmt}/{n}x{k}/{bucket}"
+                    key = tuning.qmm_key(fmt, m, n, k, a.group)
                     best = None
-                    for cfg in QMM_CANDIDATES:
+                    with kernels.compiling_ahead():
+                        for cfg in qmm_candidates(fmt, a.group):
+                            tuning._tuned()[key] = dict(cfg)
+                            T.qmm(x, *ws[0], fmt, a.group)
+                    for cfg in qmm_candidates(fmt, a.group):
                         tuning._tuned()[key] = dict(cfg)
                         try:
-                            t = graph_time(lambda i: T.qmm(x, *ws[i % len(ws)], fmt, 128), 20)
+                            t = graph_time(lambda i: T.qmm(x, *ws[i % len(ws)], fmt, a.group), 20)
                         except Exception as e:  # a configuration the compiler refuses
                             print(f"  {name} {fmt} qmm {cfg}: {type(e).__name__}", flush=True)
                             continue
@@ -129,7 +151,7 @@ def main():
                     ref = graph_time(lambda i: F.linear(x, ws[i % len(ws)][0]), 20 if m > 1 else 50)
                     table.append((name, fmt, m, t, size, ref))
                 else:
-                    t = graph_time(lambda i: kernels.quantized_linear(x, fmt, *ws[i % len(ws)], 128, gated),
+                    t = graph_time(lambda i: kernels.quantized_linear(x, fmt, *ws[i % len(ws)], a.group, gated),
                                    20 if m > 1 else 50)
                     table.append((name, fmt, m, t, size, None))
                 print(f"{name} {n}x{k} {fmt} rows {m}: {t * 1e6:.1f} µs ({size / t / 1e9:.0f} GB/s)"

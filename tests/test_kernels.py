@@ -70,8 +70,15 @@ def test_gemv_float_int8_int4(T, n, k, gated, fused):
 
 
 @pytest.mark.parametrize("rows", [2, 5, 17, 64])
-@pytest.mark.parametrize("mode,group", [("int8", 1), ("int4", 32), ("int4", 128)])
-def test_quantized_products_with_several_rows(T, rows, mode, group):
+@pytest.mark.parametrize("mode,group,fold", [("int8", 1, None), ("int4", 32, True), ("int4", 128, True),
+                                             ("int4", 32, False), ("int4", 128, False)])
+def test_quantized_products_with_several_rows(T, rows, mode, group, fold, monkeypatch):
+    """int4 both ways: each tile's product scaled after (FOLD, a tile within one group) and the
+    weights dequantized before it, a tile spanning several groups."""
+    from llama.kernels import tuning
+
+    if fold is not None:
+        monkeypatch.setattr(tuning, "QMM_DEFAULT", dict(tuning.QMM_DEFAULT, BLOCK_K=256, FOLD=fold))
     w = weights(96, 512)
     x = torch.randn(rows, 512, device=DEVICE, dtype=DTYPE)
     stored = quant.quantize_weight("weight", w, quant.Spec(mode, max(group, 1)))

@@ -20,9 +20,9 @@ SHIPPED = Path(__file__).with_name("configs.json")
 GEMV_DEFAULTS = {
     "float": {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
     "int8": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
-    "int4": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    "int4": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
 }
-QMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+QMM_DEFAULT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "FOLD": False}
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,8 +38,13 @@ def _tuned() -> Dict[str, dict]:
     return found
 
 
+def _group_key(fmt: str, group: int) -> str:
+    return f"/g{group}" if fmt == "int4" and group != 128 else ""
+
+
 def gemv_config(fmt: str, n: int, k: int, gated: bool, group: int) -> dict:
-    cfg = _tuned().get(f"gemv/{fmt}/{n}x{k}/{int(gated)}") or dict(GEMV_DEFAULTS[fmt])
+    cfg = (_tuned().get(f"gemv/{fmt}/{n}x{k}/{int(gated)}{_group_key(fmt, group)}")
+           or _tuned().get(f"gemv/{fmt}/{n}x{k}/{int(gated)}") or dict(GEMV_DEFAULTS[fmt]))
     block_k = cfg["BLOCK_K"]
     while block_k > 16 and (k < block_k // 2):  # small test widths: no wider than needed
         block_k //= 2
@@ -52,11 +57,21 @@ def qmm_bucket(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
+def qmm_key(fmt: str, m: int, n: int, k: int, group: int) -> str:
+    return f"qmm/{fmt}/{n}x{k}/{qmm_bucket(m)}{_group_key(fmt, group)}"
+
+
 def qmm_config(fmt: str, m: int, n: int, k: int, group: int) -> dict:
-    cfg = dict(_tuned().get(f"qmm/{fmt}/{n}x{k}/{qmm_bucket(m)}") or QMM_DEFAULT)
+    """BLOCK_M/N/K, warps, stages and, for int4, FOLD: the scales and zeros applied to each
+    tile's product (a tile within one group) rather than to the weights before it."""
+    cfg = dict(_tuned().get(qmm_key(fmt, m, n, k, group)) or QMM_DEFAULT)
     cfg["BLOCK_M"] = qmm_bucket(m)
     if fmt == "int4":
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group)
+        if "FOLD" not in cfg:  # measured before FOLD existed: tiles within a group, dequantized first
+            cfg["FOLD"] = False
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group)
+        elif cfg["FOLD"]:
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group)
     return cfg
 
 
