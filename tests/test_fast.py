@@ -91,7 +91,10 @@ def test_sampling_makes_the_same_draws(pair):
 
 
 def test_build_switch(ckpts, build):
-    assert isinstance(build(ckpts["gqa1"]).decoder, FaithfulDecoder)  # CPU default
+    assert isinstance(build(ckpts["gqa1"]).decoder, FaithfulDecoder)  # CPU default for 16-bit weights
+    assert isinstance(build(ckpts["gqa1"], quantize="int8").decoder, FaithfulDecoder)
+    assert isinstance(build(ckpts["gqa1"], quantize="int4").decoder, FastDecoder)  # and for int4 the fast path
+    assert isinstance(build(ckpts["gqa1"], quantize="int4", fast=False).decoder, FaithfulDecoder)
     llama = build(ckpts["gqa1"], fast=True)
     assert isinstance(llama.decoder, FastDecoder) and not llama.decoder.cuda_graphs
 
