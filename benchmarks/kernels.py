@@ -41,6 +41,8 @@ def qmm_candidates(fmt: str, group: int):
     out = [dict(c, FOLD=False) for c in QMM_CANDIDATES]
     out += [dict(c, FOLD=True) for c in QMM_CANDIDATES if c["BLOCK_K"] <= group]
     return out
+
+
 CANDIDATES = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1)
               for n, k, w in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (8, 2048, 8),
                               (32, 256, 4), (4, 2048, 4), (16, 1024, 4), (32, 512, 4), (32, 1024, 8), (4, 4096, 4),
@@ -72,7 +74,7 @@ def nbytes(ws) -> int:
 
 
 def gemv_key(kind: str, n: int, k: int, gated: bool, group: int) -> str:
-    return f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}" + tuning._group_key(kind, group)
+    return f"gemv/{kind}/{n // (2 if gated else 1)}x{k}/{int(gated)}" + tuning.group_key(kind, group)
 
 
 def time_gemv(fmt, ws, k, gated, group, cfg=None):
@@ -121,7 +123,8 @@ def main():
                         continue
                     if best is None or t < best[0]:
                         best = (t, cfg)
-                tuned[gemv_key(kind, n, k, gated, a.group)] = tuning._tuned()[gemv_key(kind, n, k, gated, a.group)] = best[1]
+                key = gemv_key(kind, n, k, gated, a.group)
+                tuned[key] = tuning._tuned()[key] = best[1]
             if a.tune in ("all", "qmm") and fmt != "bf16":
                 for m in (r for r in rows if 1 < r < kernels.QUANT_DEQUANT_ROWS):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

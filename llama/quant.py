@@ -96,7 +96,8 @@ def _int4_fit(g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 _INT4_ROWS_GPU, _INT4_VALUES_CPU = 512, 1 << 19
 
 
-def quantize_int4(w: torch.Tensor, group: int, rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group: int,
+                  rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q uint8 (N, K // 2) packed, scales bf16 (N, K // group), zeros bf16 (N, K // group)),
     w = (q - 8) * scale + zero, each group's scale and zero chosen for the least squared
     error (`_int4_fit`), `rows` output rows at a time (default: by device, see above)."""

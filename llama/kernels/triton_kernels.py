@@ -103,12 +103,12 @@ def _rows_dot(x_ptr, g_ptr, rstd, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride,
     else:
         # Byte b of a word holds columns 2b (high nibble) and 2b + 1 (low). Four shifts of the
         # word (<<15, <<7, >>1, >>9: byte b to bits 15-22) bring each byte's high nibble to
-        # mantissa bits 19-22 and its low one to bits 15-18; masked and or'ed under exponent 2^4 they are the floats 16 + u (high) and
-        # 16 + u / 16 (low), exactly. With x of low columns times 16, each product is x u plus
-        # 16 x (high) or 256 x (low), and per group W x = scale (D - P) + zero X, where D sums
-        # those products, P = sum(24 x) over high columns + sum(264 x) over low ones (the offsets
-        # and the 8 of the stored u - 8), and X = sum(x): three ops a weight, the scale and zero
-        # applied once a group.
+        # mantissa bits 19-22 and its low one to bits 15-18; masked and or'ed under exponent 2^4
+        # they are the floats 16 + u (high) and 16 + u / 16 (low), exactly. With x of low
+        # columns times 16, each product is x u plus 16 x (high) or 256 x (low), and per group
+        # W x = scale (D - P) + zero X, where D sums those products, P = sum(24 x) over high
+        # columns + sum(264 x) over low ones (the offsets and the 8 of the stored u - 8), and
+        # X = sum(x): about three ops a weight, the scale and zero applied once a group.
         WORDS: tl.constexpr = BLOCK_K // 8
         R: tl.constexpr = BLOCK_K // GROUP  # groups a tile
         KW = K // 8
@@ -191,14 +191,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str, gated: bool, 
     return y
 
 
-
 @triton.jit
 def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, s_stride,
                 FMT: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr, BF16: tl.constexpr,
                 FOLD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y (M, N) = x (M, K) @ dequant(W).T on tensor cores. FMT 1: int8 W (N, K), scale (N,);
-    2: int4 W packed (N, K // 2), scales and zeros (N, K // GROUP); BLOCK_K <= GROUP then.
+    2: int4 W packed (N, K // 2), scales and zeros (N, K // GROUP); with FOLD, BLOCK_K <= GROUP
+    (a tile within one group), else BLOCK_K a multiple of GROUP or a part of one. BF16: x is
+    bfloat16 (else float16), for the 16-bit form of FOLD's values.
 
     SWAP: computed as y.T = dequant(W) @ x.T, the weights dequantized in registers as the
     product's first operand, which Hopper's tensor cores take from registers, and x (a few
@@ -321,7 +322,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, s_stride, FMT: tl.conste
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-# the fastest measured on the H200 at the 7B shapes (int4: 3.5 TB/s of weights read and written)
+# the fastest of six tile shapes on the H200 at the 7B output layer (int4: 3.5 TB/s read and written)
 DEQUANT_BLOCKS = {"int8": (16, 256, 4), "int4": (8, 1024, 4)}
 
 

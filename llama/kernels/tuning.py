@@ -38,12 +38,12 @@ def _tuned() -> Dict[str, dict]:
     return found
 
 
-def _group_key(fmt: str, group: int) -> str:
+def group_key(fmt: str, group: int) -> str:
     return f"/g{group}" if fmt == "int4" and group != 128 else ""
 
 
 def gemv_config(fmt: str, n: int, k: int, gated: bool, group: int) -> dict:
-    cfg = (_tuned().get(f"gemv/{fmt}/{n}x{k}/{int(gated)}{_group_key(fmt, group)}")
+    cfg = (_tuned().get(f"gemv/{fmt}/{n}x{k}/{int(gated)}{group_key(fmt, group)}")
            or _tuned().get(f"gemv/{fmt}/{n}x{k}/{int(gated)}") or dict(GEMV_DEFAULTS[fmt]))
     block_k = cfg["BLOCK_K"]
     while block_k > 16 and (k < block_k // 2):  # small test widths: no wider than needed
@@ -58,7 +58,7 @@ def qmm_bucket(m: int) -> int:
 
 
 def qmm_key(fmt: str, m: int, n: int, k: int, group: int) -> str:
-    return f"qmm/{fmt}/{n}x{k}/{qmm_bucket(m)}{_group_key(fmt, group)}"
+    return f"qmm/{fmt}/{n}x{k}/{qmm_bucket(m)}{group_key(fmt, group)}"
 
 
 def qmm_config(fmt: str, m: int, n: int, k: int, group: int) -> dict:
