@@ -170,8 +170,8 @@ def load_model(ckpt: Checkpoint, rank: int, world_size: int, device: torch.devic
 def default_fast(device: torch.device, spec: Optional[QuantSpec]) -> bool:
     """The fast path unless asked otherwise: on CUDA; on the CPU for int4 weights, where it decoded
     20-40% faster than the faithful forward at the 1.1B shape on 2 cores, prompts faster too and
-    memory the same (benchmarks/RESULTS.md); 16-bit weights keep the faithful forward on the
-    CPU (joining projections there copies them: 1.45x the memory)."""
+    memory the same (benchmarks/RESULTS.md); 16-bit and int8 weights keep the faithful forward
+    on the CPU (measured gains there were smaller, and not in every measure)."""
     return device.type == "cuda" or (spec is not None and spec.mode == "int4")
 
 
@@ -186,6 +186,7 @@ def finish_model(model: Transformer, dtype: torch.dtype, spec: Optional[QuantSpe
     if spec is not None:
         quant.prepare(model, dtype)
     if on_cpu:  # (the layers whose products go through `kernels.linear`)
-        kernels.cpu_gemv.prepare(m.weight for m in model.modules() if isinstance(m, fast.modules.Linear))
+        kernels.cpu_gemv.prepare(w for m in model.modules()
+                                 if isinstance(m, (fast.modules.Linear, fast.modules.SideBySide)) for w in m.weights())
     return FastDecoder(model) if use_fast else FaithfulDecoder(model)
 

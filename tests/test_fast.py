@@ -7,6 +7,7 @@ import torch
 
 from llama import Llama
 from llama.fast import FaithfulDecoder, FastDecoder
+from llama.fast.modules import SideBySide
 from tests.conftest import TOKENIZER, torchrun
 
 PROMPTS = ["Hello world", "I believe the meaning of life is", "你好", "Once upon a time, in a land far away"]
@@ -30,13 +31,17 @@ def test_transform_joins_the_projections(pair):
     faithful, fast = pair
     a, b = faithful.model.layers[0], fast.model.layers[0]
     assert a.attention.wqkv is None and b.attention.wq is None and b.feed_forward.w1 is None
-    want = torch.cat([a.attention.wq.weight, a.attention.wk.weight, a.attention.wv.weight])
-    assert torch.equal(b.attention.wqkv.linear.weight, want)
+    # on the CPU the joined projections keep their parts' weights (no copy); on a GPU one weight
+    qkv = b.attention.wqkv.linear
+    assert isinstance(qkv, SideBySide) == (qkv.weights()[0].device.type == "cpu")
+    want = [a.attention.wq.weight, a.attention.wk.weight, a.attention.wv.weight]
+    assert torch.equal(torch.cat(qkv.weights()), torch.cat(want))
     w13 = b.feed_forward.w13.linear
-    assert torch.equal(w13.weight, torch.cat([a.feed_forward.w1.weight, a.feed_forward.w3.weight])) and w13.gated
+    assert torch.equal(torch.cat(w13.weights()), torch.cat([a.feed_forward.w1.weight, a.feed_forward.w3.weight]))
+    assert w13.gated
     assert isinstance(b.attention_norm, torch.nn.Identity)  # the norm runs inside the projection after it
     assert torch.equal(b.attention.wqkv.norm.weight, a.attention_norm.weight)
-    assert "layers.0.attention.wqkv.linear.weight" in fast.model.state_dict()
+    assert any(k.startswith("layers.0.attention.wqkv.linear.") for k in fast.model.state_dict())
     with pytest.raises(RuntimeError, match="transformed for the fast path already"):
         from llama.fast import transform
 
