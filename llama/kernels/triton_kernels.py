@@ -238,13 +238,10 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, s_stride,
                 hi = ((p16 >> 4) | E16).to(x.dtype, bitcast=True)
                 lo = ((p16 & 0xF) | E16).to(x.dtype, bitcast=True)
                 q = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))
+                tl.static_assert(SWAP, "FOLD is written for the swapped product (int4's)")
                 xs = tl.sum(x.to(tl.float32), axis=1)
-                if SWAP:
-                    d = tl.dot(q, tl.trans(x))
-                    acc += scale[:, None] * d + (zero - (OFF + 8.0) * scale)[:, None] * xs[None, :]
-                else:
-                    d = tl.dot(x, tl.trans(q))
-                    acc += scale[None, :] * d + (zero - (OFF + 8.0) * scale)[None, :] * xs[:, None]
+                d = tl.dot(q, tl.trans(x))
+                acc += scale[:, None] * d + (zero - (OFF + 8.0) * scale)[:, None] * xs[None, :]
             else:
                 # R groups a tile (or a part of one: R = 1), each dequantized with its scale and zero
                 R: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
