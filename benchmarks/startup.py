@@ -49,6 +49,21 @@ def timed(cmd, env, label):
     return wall, res
 
 
+def compile_bytecode(env) -> None:
+    """Every module of the packages the runs import, compiled where env's PYTHONPYCACHEPREFIX says."""
+    import importlib.util
+
+    dirs = [str(REPO / "llama"), str(REPO / "benchmarks")]
+    for name in ("torch", "triton", "sentencepiece", "fairscale", "fire", "numpy"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            dirs.append(str(Path(spec.origin).parent))
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *dirs], env=env, capture_output=True)
+    print(f"bytecode of {len(dirs)} packages compiled into {env['PYTHONPYCACHEPREFIX']} in {time.time() - t0:.0f} s",
+          flush=True)
+
+
 def torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
             str(29500 + os.getpid() % 1000), *args]
@@ -61,6 +76,10 @@ def main():
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--skip_reference", action="store_true")
+    p.add_argument("--bytecode", default=None, metavar="DIR",
+                   help="for a Python whose installed packages have no bytecode files and may not write them: "
+                        "compile them all into DIR first and run everything with PYTHONPYCACHEPREFIX=DIR, as "
+                        "a pip-installed torch imports (pip writes the bytecode when it installs)")
     a = p.parse_args()
     ckpt = Path(a.ckpt_dir or f"/tmp/startup-{a.model}")
     if not (ckpt / "params.json").exists():
@@ -77,6 +96,9 @@ def main():
                 pass
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_CACHE_DIR", None)
+    if a.bytecode:
+        env["PYTHONPYCACHEPREFIX"] = a.bytecode
+        compile_bytecode(env)
     results = {}
     if not a.skip_reference:
         results["reference"], _ = timed(torchrun("benchmarks/reference_style.py", "--ckpt_dir", str(ckpt),

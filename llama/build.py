@@ -5,7 +5,9 @@ device -> checkpoint (opened and checked) -> quantization plan -> memory plan ->
 -> quantized kernels' form -> decoder.
 """
 
+import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -111,6 +113,7 @@ def build(ckpt_dir, tokenizer_path: str, opts: BuildOptions):
 
     start = time.time()
     tokenizer = Tokenizer(model_path=tokenizer_path)
+    threading.Thread(target=tokenizer.pieces, name="llama-tokenizer-pieces", daemon=True).start()  # (for streaming)
     ckpt = open_checkpoint(ckpt_dir, vocab_size=tokenizer.n_words)
     check_tokenizer(ckpt, tokenizer)
     spec, quantizing = quant_plan(ckpt, opts.quantize, opts.group_size, mp_size)
@@ -123,17 +126,26 @@ def build(ckpt_dir, tokenizer_path: str, opts: BuildOptions):
     memory.check_fits(args, dtype, mp_size, dev, spec=spec, loading=quantizing)
 
     use_fast = default_fast(dev, spec) if opts.fast is None else opts.fast
+    launches = launches_entry(args, dtype, spec, mp_size)
     if use_fast:
-        kernels.preload(dev)  # Triton's once-a-process work, while the weights load
+        kernels.preload(dev, launches)  # Triton's once-a-process work and known kernels, while the weights load
     model = load_model(ckpt, mp_rank, mp_size, dev, dtype, spec, quantizing)
     distributed.wait_for_all()  # the slowest rank's loading is not a timeout
     model.setup_cache(opts.max_batch_size, opts.max_seq_len, dev, dtype)
     decoder = finish_model(model, dtype, spec, use_fast)
     if isinstance(decoder, FastDecoder) and decoder.cuda_graphs:
         prepare(decoder)
+        kernels.note_launches(launches)
     if distributed.is_rank_zero():
         print(f"Loaded in {time.time() - start:.2f} seconds")
     return model, tokenizer, decoder
+
+
+def launches_entry(args, dtype: torch.dtype, spec: Optional[QuantSpec], world_size: int) -> str:
+    """The start-up cache entry naming the kernels that preparing this model's decode path
+    compiles: keyed by all they depend on here (shape, sizes, dtype, quantization, processes)."""
+    what = repr((sorted(vars(args).items()), str(dtype), spec, world_size))
+    return "launches-" + hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
 def prepare(decoder: FastDecoder) -> None:

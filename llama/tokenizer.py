@@ -1,6 +1,7 @@
 """SentencePiece tokenizer, as Meta's reference wraps it."""
 
 import os
+import threading
 from typing import List, Optional, Tuple
 
 from sentencepiece import SentencePieceProcessor
@@ -36,6 +37,7 @@ class Tokenizer:
         self.pad_id: int = self.sp_model.pad_id()
         assert self.sp_model.vocab_size() == self.sp_model.get_piece_size()
         self._pieces: Optional[Tuple[List[Optional[str]], List[str]]] = None
+        self._pieces_lock = threading.Lock()
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Token ids of `s`, with BOS before and EOS after when asked."""
@@ -55,13 +57,18 @@ class Tokenizer:
         """Per token id: the text it adds after text that is already there (None for byte,
         unknown and control tokens, whose text depends on their neighbours), and its text
         alone (`decode([id])`). Built on first use (a few tenths of a second), for
-        incremental decoding (`llama.streaming.TextStream`)."""
-        if self._pieces is None:
-            sp = self.sp_model
-            joined: List[Optional[str]] = []
-            for i in range(self.n_words):
-                piece = sp.id_to_piece(i)
-                plain = not (sp.is_byte(i) or sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i))
-                joined.append(piece.replace("\u2581", " ") if plain and "\ufffd" not in piece else None)
-            self._pieces = joined, [sp.decode([i]) for i in range(self.n_words)]
+        incremental decoding (`llama.streaming.TextStream`); `Llama.build` makes them in a
+        thread while the weights load."""
+        with self._pieces_lock:
+            if self._pieces is None:
+                self._pieces = self._make_pieces()
         return self._pieces
+
+    def _make_pieces(self) -> Tuple[List[Optional[str]], List[str]]:
+        sp = self.sp_model
+        joined: List[Optional[str]] = []
+        for i in range(self.n_words):
+            piece = sp.id_to_piece(i)
+            plain = not (sp.is_byte(i) or sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i))
+            joined.append(piece.replace("\u2581", " ") if plain and "\ufffd" not in piece else None)
+        return joined, sp.decode([[i] for i in range(self.n_words)])  # (one call: a C++ loop)

@@ -39,3 +39,59 @@ def test_with_a_triton_too_old_launches_run_as_usual(monkeypatch):
     monkeypatch.setattr(ahead, "_AsyncCompileMode", None)
     with ahead.compiling():
         assert not getattr(ahead._STATE, "ahead", False)  # launch() gives kernel[grid], as outside
+
+
+class _FakeKernel:
+    """Stands in for a Triton kernel: records its compile-only calls."""
+
+    __name__ = "_fake_kernel"
+
+    def __init__(self):
+        self.warmups = []
+
+    def warmup(self, *args, grid, **kwargs):
+        self.warmups.append((args, kwargs))
+
+
+def test_launches_are_noted_and_replayed_with_dtypes_for_tensors(monkeypatch):
+    ahead = pytest.importorskip("llama.kernels.ahead")  # (needs Triton, not CUDA)
+    monkeypatch.setattr(ahead, "_LAUNCHES", {})
+    kernel = _FakeKernel()
+    x = torch.zeros(8, dtype=torch.bfloat16)
+    with ahead.compiling(1):
+        ahead.launch(kernel, (4,))(x, 8, 1e-5, None, BLOCK=64, FLAG=True)
+        ahead.launch(kernel, (4,))(x, 8, 1e-5, None, BLOCK=64, FLAG=True)  # the same launch: noted once
+        ahead.launch(kernel, (4,))(x[1:], 7, 1e-5, None, BLOCK=64, FLAG=True)  # misaligned: not noted
+        ahead.launch(kernel, (4,))(x, [1], 1e-5, None, BLOCK=64, FLAG=True)  # not a plain value: not noted
+    calls = ahead.launches()
+    assert calls == [{"kernel": "_fake_kernel", "args": [{"dtype": "bfloat16"}, 8, 1e-5, None],
+                      "kwargs": {"BLOCK": 64, "FLAG": True}}]
+    assert len(kernel.warmups) == 4  # every launch still compiled
+
+    class Module:
+        _fake_kernel = _FakeKernel()
+
+    corrupt = [{"kernel": "_gone_kernel", "args": [], "kwargs": {}}, {"args": 3}]
+    assert ahead.replay(corrupt + calls, Module, 1) == 1
+    assert Module._fake_kernel.warmups == [((torch.bfloat16, 8, 1e-5, None), {"BLOCK": 64, "FLAG": True})]
+
+
+@pytest.mark.gpu
+def test_replayed_launches_leave_nothing_to_compile():
+    from llama.kernels import ahead
+    from llama.kernels import triton_kernels as T
+
+    x = torch.randn(5, 344, device="cuda", dtype=torch.bfloat16)  # a width no other test uses
+    w = torch.randn(344, device="cuda", dtype=torch.bfloat16)
+    with kernels.compiling_ahead():
+        T.rms_norm(x, w, 1e-5)
+    noted = [c for c in ahead.launches() if c["kernel"] == "_rms_norm_kernel" and 344 in c["args"]]
+    assert len(noted) == 1
+    for caches in T._rms_norm_kernel.device_caches.values():
+        caches[0].clear()  # as in a new process (the compiled kernel stays in Triton's disk cache)
+    assert ahead.replay(noted, T) == 1
+    before = compiled(T._rms_norm_kernel)
+    assert before == 1
+    y = T.rms_norm(x, w, 1e-5)
+    assert compiled(T._rms_norm_kernel) == before  # the real launch found the replayed kernel
+    torch.testing.assert_close(y.float(), R.rms_norm(x, w, 1e-5).float(), rtol=2e-2, atol=2e-2)

@@ -49,14 +49,31 @@ _TRITON = None
 _PRELOAD: Optional[threading.Thread] = None
 
 
-def preload(device: torch.device) -> None:
-    """Starts importing the Triton kernels, and what Triton does once a process before its first
-    kernel, in a thread: to run while the weights load (once; nothing without CUDA and Triton)."""
+def preload(device: torch.device, launches: Optional[str] = None) -> None:
+    """Starts importing the Triton kernels, what Triton does once a process before its first
+    kernel, and the kernels an earlier process noted in the start-up cache entry `launches`
+    (`ahead.replay`), in a thread: to run while the weights load (once; nothing without CUDA
+    and Triton)."""
     global _PRELOAD
     if _PRELOAD is None and device.type == "cuda" and available():
-        _PRELOAD = threading.Thread(target=lambda: _triton().warm_up(device), name="llama-triton-preload",
-                                    daemon=True)
+        def work():
+            module = _triton()
+            module.warm_up(device)
+            calls = cache.load_json(launches) if launches else None
+            if isinstance(calls, list):
+                module.replay(calls, module)
+
+        _PRELOAD = threading.Thread(target=work, name="llama-triton-preload", daemon=True)
         _PRELOAD.start()
+
+
+def note_launches(entry: str) -> None:
+    """Keeps the launches compiled ahead in this process in the start-up cache entry `entry`,
+    for `preload` in later processes (written only when it changed)."""
+    if available() and _TRITON is not None:
+        calls = _TRITON.launches()
+        if calls and cache.load_json(entry) != calls:
+            cache.save_json(entry, calls)
 
 
 def compiling_ahead():

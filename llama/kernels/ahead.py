@@ -12,28 +12,86 @@ outputs are thrown away may run inside it.
 
 `warm_up()` does what Triton does once a process before its first kernel (hashing its own
 installation, loading its CUDA helper module), for a thread to do while the weights load.
+
+Each launch compiled ahead is also noted (`launches()`: the kernel's name, its tensors'
+dtypes, its other arguments), for the start-up cache to keep. A later process hands the
+notes to `replay()` in a thread while its weights load: Triton's warm-up with each tensor
+replaced by its dtype gives the same specialization (sizes, flags and 16-byte alignment,
+which every noted tensor has), so the compiled kernels are loaded from Triton's disk cache
+(or compiled) before the first step asks for them, and the compiling ahead of that step
+finds them all in memory.
 """
 
 import contextlib
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List
 
+import torch
 import triton
 
 _STATE = threading.local()
 MAX_THREADS = 8
+_LAUNCHES: Dict[str, dict] = {}  # this process's launches compiled ahead, by their JSON form
+_SCALARS = (bool, int, float, str, type(None))
 
 
 def launch(kernel, grid):
     """`kernel[grid]`; while compiling ahead in this thread, the kernel's compile-only form."""
     if getattr(_STATE, "ahead", False):
-        return lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **kwargs)
+        def compile_only(*args, **kwargs):
+            _note(kernel, args, kwargs)
+            return kernel.warmup(*args, grid=grid, **kwargs)
+
+        return compile_only
     return kernel[grid]
 
 
+def _note(kernel, args, kwargs) -> None:
+    """Keeps a launch's description for `launches()`, where dtypes stand in for its tensors
+    exactly (every tensor 16-byte aligned, every other argument a plain value)."""
+    described = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.data_ptr() % 16:
+                return
+            described.append({"dtype": str(a.dtype).replace("torch.", "")})
+        elif isinstance(a, _SCALARS):
+            described.append(a)
+        else:
+            return
+    if not all(isinstance(v, _SCALARS) for v in kwargs.values()):
+        return
+    call = {"kernel": kernel.__name__, "args": described, "kwargs": kwargs}
+    _LAUNCHES.setdefault(json.dumps(call, sort_keys=True), call)
+
+
+def launches() -> List[dict]:
+    """The launches compiled ahead in this process so far, each once, in a JSON-ready form."""
+    return list(_LAUNCHES.values())
+
+
+def replay(calls: List[dict], module, n_threads: int = 0) -> int:
+    """Compiles ahead, side by side, the kernels of `module` that `calls` (from `launches()`
+    of an earlier process) describe; returns how many it asked for. A description that no
+    longer fits the code is skipped: that kernel is compiled at its first use instead."""
+    asked = 0
+    with compiling(n_threads):
+        for call in calls:
+            try:
+                kernel = getattr(module, call["kernel"])
+                args = [getattr(torch, a["dtype"]) if isinstance(a, dict) else a for a in call["args"]]
+                kernel.warmup(*args, grid=(1,), **call["kwargs"])
+                asked += 1
+            except Exception:  # (a changed signature, a corrupt entry)
+                continue
+    return asked
+
+
 def threads() -> int:
-    """$LLAMA_COMPILE_THREADS, else the CPUs this process may use, at most 8."""
+    """$LLAMA_COMPILE_THREADS, else the CPUs this process may use, at most MAX_THREADS."""
     env = os.environ.get("LLAMA_COMPILE_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
@@ -75,7 +133,7 @@ if _AsyncCompileMode is not None:
 @contextlib.contextmanager
 def compiling(n_threads: int = 0):
     """Within: launches (in this thread) compile in `n_threads` threads (default: the CPUs, at
-    most 8) instead of running; on leaving, every compile has finished. A kernel that fails to
+    most MAX_THREADS) instead of running; on leaving, every compile has finished. A kernel that fails to
     compile here is compiled again, and fails with its message, at its real launch. With a
     Triton too old for this, launches run as they always do."""
     if _AsyncCompileMode is None:
