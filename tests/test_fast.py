@@ -196,3 +196,18 @@ def test_cuda_kernels_bf16_agreement(ckpts, quantize, ckpt):
             rate = greedy_agreement(faithful.decoder, fast.decoder, tokens[:rows], prompt_len=3)
         print(f"bf16 teacher-forced greedy agreement, fast vs faithful, {quantize or 'bf16'}, {rows} row(s): {rate:.3f}")
         assert rate > 0.9
+
+
+def test_cpu_attention_of_one_query_in_16_bits_is_the_float32_one_rounded():
+    from llama import kernels
+    from llama.kernels import reference as R
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 8, 16, generator=g).to(torch.bfloat16)
+    kv = torch.randn(2, 3, 20, 2, 16, generator=g).to(torch.bfloat16)
+    positions = torch.tensor([[5], [9]])
+    got = kernels.cache_attention(q, kv, None, positions, 10, 4)
+    want = R.cache_attention(q.float(), kv.float(), None, positions, 10, 4).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+    assert not torch.equal(R.cache_attention(q, kv, None, positions, 10, 4), want)  # (16-bit math differs)
