@@ -113,7 +113,6 @@ def build(ckpt_dir, tokenizer_path: str, opts: BuildOptions):
 
     start = time.time()
     tokenizer = Tokenizer(model_path=tokenizer_path)
-    threading.Thread(target=tokenizer.pieces, name="llama-tokenizer-pieces", daemon=True).start()  # (for streaming)
     ckpt = open_checkpoint(ckpt_dir, vocab_size=tokenizer.n_words)
     check_tokenizer(ckpt, tokenizer)
     spec, quantizing = quant_plan(ckpt, opts.quantize, opts.group_size, mp_size)
@@ -127,15 +126,24 @@ def build(ckpt_dir, tokenizer_path: str, opts: BuildOptions):
 
     use_fast = default_fast(dev, spec) if opts.fast is None else opts.fast
     launches = launches_entry(args, dtype, spec, mp_size)
+    # while the weights load: the tokenizer's piece table (for streaming), Triton's once-a-process
+    # work and the kernels an earlier run noted; both threads are waited for, also after an error
+    # (a process ending while one is inside C++ code would abort)
+    pieces = threading.Thread(target=tokenizer.pieces, name="llama-tokenizer-pieces", daemon=True)
+    pieces.start()
     if use_fast:
-        kernels.preload(dev, launches)  # Triton's once-a-process work and known kernels, while the weights load
-    model = load_model(ckpt, mp_rank, mp_size, dev, dtype, spec, quantizing)
-    distributed.wait_for_all()  # the slowest rank's loading is not a timeout
-    model.setup_cache(opts.max_batch_size, opts.max_seq_len, dev, dtype)
-    decoder = finish_model(model, dtype, spec, use_fast)
-    if isinstance(decoder, FastDecoder) and decoder.cuda_graphs:
-        prepare(decoder)
-        kernels.note_launches(launches)
+        kernels.preload(dev, launches)
+    try:
+        model = load_model(ckpt, mp_rank, mp_size, dev, dtype, spec, quantizing)
+        distributed.wait_for_all()  # the slowest rank's loading is not a timeout
+        model.setup_cache(opts.max_batch_size, opts.max_seq_len, dev, dtype)
+        decoder = finish_model(model, dtype, spec, use_fast)
+        if isinstance(decoder, FastDecoder) and decoder.cuda_graphs:
+            prepare(decoder)
+            kernels.note_launches(launches)
+    finally:
+        pieces.join()
+        kernels.wait_for_preload()
     if distributed.is_rank_zero():
         print(f"Loaded in {time.time() - start:.2f} seconds")
     return model, tokenizer, decoder

@@ -67,6 +67,12 @@ def preload(device: torch.device, launches: Optional[str] = None) -> None:
         _PRELOAD.start()
 
 
+def wait_for_preload() -> None:
+    """Returns once `preload`'s thread, if one was started, has finished."""
+    if _PRELOAD is not None:
+        _PRELOAD.join()
+
+
 def note_launches(entry: str) -> None:
     """Keeps the launches compiled ahead in this process in the start-up cache entry `entry`,
     for `preload` in later processes (written only when it changed)."""
@@ -81,8 +87,7 @@ def compiling_ahead():
     at a time, instead of run (`llama.kernels.ahead`); nothing happens differently without them."""
     if not available():
         return contextlib.nullcontext()
-    if _PRELOAD is not None:
-        _PRELOAD.join()
+    wait_for_preload()
     return _triton().compiling()
 
 
