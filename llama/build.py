@@ -139,8 +139,8 @@ def build(ckpt_dir, tokenizer_path: str, opts: BuildOptions):
         model.setup_cache(opts.max_batch_size, opts.max_seq_len, dev, dtype)
         decoder = finish_model(model, dtype, spec, use_fast)
         if isinstance(decoder, FastDecoder) and decoder.cuda_graphs:
-            prepare(decoder)
-            kernels.note_launches(launches)
+            with kernels.noting_launches(launches):
+                prepare(decoder)
     finally:
         pieces.join()
         kernels.wait_for_preload()

@@ -55,18 +55,20 @@ class _FakeKernel:
 
 def test_launches_are_noted_and_replayed_with_dtypes_for_tensors(monkeypatch):
     ahead = pytest.importorskip("llama.kernels.ahead")  # (needs Triton, not CUDA)
-    monkeypatch.setattr(ahead, "_LAUNCHES", {})
     kernel = _FakeKernel()
     x = torch.zeros(8, dtype=torch.bfloat16)
     with ahead.compiling(1):
-        ahead.launch(kernel, (4,))(x, 8, 1e-5, None, BLOCK=64, FLAG=True)
-        ahead.launch(kernel, (4,))(x, 8, 1e-5, None, BLOCK=64, FLAG=True)  # the same launch: noted once
-        ahead.launch(kernel, (4,))(x[1:], 7, 1e-5, None, BLOCK=64, FLAG=True)  # misaligned: not noted
-        ahead.launch(kernel, (4,))(x, [1], 1e-5, None, BLOCK=64, FLAG=True)  # not a plain value: not noted
-    calls = ahead.launches()
+        ahead.launch(kernel, (4,))(x, 16, 1e-5, None, BLOCK=64, FLAG=True)  # not noting: not noted
+        with ahead.noting() as calls:
+            ahead.launch(kernel, (4,))(x, 8, 1e-5, None, BLOCK=64, FLAG=True)
+            ahead.launch(kernel, (4,))(x, 8, 1e-5, None, BLOCK=64, FLAG=True)  # the same launch: noted once
+            ahead.launch(kernel, (4,))(x[1:], 7, 1e-5, None, BLOCK=64, FLAG=True)  # misaligned: not noted
+            ahead.launch(kernel, (4,))(x, [1], 1e-5, None, BLOCK=64, FLAG=True)  # not a plain value: not noted
+            assert calls == []  # (filled on leaving)
+        ahead.launch(kernel, (4,))(x, 32, 1e-5, None, BLOCK=64, FLAG=True)  # after: not noted
     assert calls == [{"kernel": "_fake_kernel", "args": [{"dtype": "bfloat16"}, 8, 1e-5, None],
                       "kwargs": {"BLOCK": 64, "FLAG": True}}]
-    assert len(kernel.warmups) == 4  # every launch still compiled
+    assert len(kernel.warmups) == 6  # every launch still compiled
 
     class Module:
         _fake_kernel = _FakeKernel()
@@ -83,9 +85,9 @@ def test_replayed_launches_leave_nothing_to_compile():
 
     x = torch.randn(5, 344, device="cuda", dtype=torch.bfloat16)  # a width no other test uses
     w = torch.randn(344, device="cuda", dtype=torch.bfloat16)
-    with kernels.compiling_ahead():
+    with ahead.noting() as calls, kernels.compiling_ahead():
         T.rms_norm(x, w, 1e-5)
-    noted = [c for c in ahead.launches() if c["kernel"] == "_rms_norm_kernel" and 344 in c["args"]]
+    noted = [c for c in calls if c["kernel"] == "_rms_norm_kernel" and 344 in c["args"]]
     assert len(noted) == 1
     for caches in T._rms_norm_kernel.device_caches.values():
         caches[0].clear()  # as in a new process (the compiled kernel stays in Triton's disk cache)
@@ -95,3 +97,21 @@ def test_replayed_launches_leave_nothing_to_compile():
     y = T.rms_norm(x, w, 1e-5)
     assert compiled(T._rms_norm_kernel) == before  # the real launch found the replayed kernel
     torch.testing.assert_close(y.float(), R.rms_norm(x, w, 1e-5).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_noted_launches_are_kept_in_the_start_up_cache(monkeypatch, tmp_path):
+    ahead = pytest.importorskip("llama.kernels.ahead")  # (needs Triton, not CUDA)
+    from llama import cache
+
+    monkeypatch.setenv("LLAMA_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(kernels, "_triton", lambda: ahead)
+    kernel = _FakeKernel()
+    with kernels.noting_launches("launches-test"), ahead.compiling(1):
+        ahead.launch(kernel, (1,))(torch.zeros(4), 4, BLOCK=16)
+    assert cache.load_json("launches-test") == [{"kernel": "_fake_kernel", "args": [{"dtype": "float32"}, 4],
+                                                 "kwargs": {"BLOCK": 16}}]
+    with pytest.raises(ValueError), kernels.noting_launches("launches-failed"), ahead.compiling(1):
+        ahead.launch(kernel, (1,))(torch.zeros(4), 8, BLOCK=16)
+        raise ValueError("a failed prepare")
+    assert cache.load_json("launches-failed") is None  # nothing kept after an error

@@ -73,13 +73,18 @@ def wait_for_preload() -> None:
         _PRELOAD.join()
 
 
-def note_launches(entry: str) -> None:
-    """Keeps the launches compiled ahead in this process in the start-up cache entry `entry`,
-    for `preload` in later processes (written only when it changed)."""
-    if available() and _TRITON is not None:
-        calls = _TRITON.launches()
-        if calls and cache.load_json(entry) != calls:
-            cache.save_json(entry, calls)
+@contextlib.contextmanager
+def noting_launches(entry: str):
+    """Within: the launches compiled ahead (from this thread) are noted (`ahead.noting`); on
+    leaving without an error they are kept in the start-up cache entry `entry`, for `preload`
+    in later processes (written only when it changed). Nothing happens without CUDA and Triton."""
+    if not available():
+        yield
+        return
+    with _triton().noting() as calls:
+        yield
+    if calls and cache.load_json(entry) != calls:
+        cache.save_json(entry, calls)
 
 
 def compiling_ahead():

@@ -13,8 +13,8 @@ outputs are thrown away may run inside it.
 `warm_up()` does what Triton does once a process before its first kernel (hashing its own
 installation, loading its CUDA helper module), for a thread to do while the weights load.
 
-Each launch compiled ahead is also noted (`launches()`: the kernel's name, its tensors'
-dtypes, its other arguments), for the start-up cache to keep. A later process hands the
+Inside `noting()`, each launch compiled ahead is also noted (the kernel's name, its
+tensors' dtypes, its other arguments), for the start-up cache to keep. A later process hands the
 notes to `replay()` in a thread while its weights load: Triton's warm-up with each tensor
 replaced by its dtype gives the same specialization (sizes, flags and 16-byte alignment,
 which every noted tensor has), so the compiled kernels are loaded from Triton's disk cache
@@ -27,14 +27,13 @@ import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import torch
 import triton
 
 _STATE = threading.local()
 MAX_THREADS = 8
-_LAUNCHES: Dict[str, dict] = {}  # this process's launches compiled ahead, by their JSON form
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -50,8 +49,12 @@ def launch(kernel, grid):
 
 
 def _note(kernel, args, kwargs) -> None:
-    """Keeps a launch's description for `launches()`, where dtypes stand in for its tensors
-    exactly (every tensor 16-byte aligned, every other argument a plain value)."""
+    """Keeps a launch's description for `noting()` (when this thread is noting), where dtypes
+    stand in for its tensors exactly (every tensor 16-byte aligned, every other argument a
+    plain value)."""
+    noted = getattr(_STATE, "noted", None)
+    if noted is None:
+        return
     described = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -65,17 +68,26 @@ def _note(kernel, args, kwargs) -> None:
     if not all(isinstance(v, _SCALARS) for v in kwargs.values()):
         return
     call = {"kernel": kernel.__name__, "args": described, "kwargs": kwargs}
-    _LAUNCHES.setdefault(json.dumps(call, sort_keys=True), call)
+    noted.setdefault(json.dumps(call, sort_keys=True), call)
 
 
-def launches() -> List[dict]:
-    """The launches compiled ahead in this process so far, each once, in a JSON-ready form."""
-    return list(_LAUNCHES.values())
+@contextlib.contextmanager
+def noting() -> Iterator[List[dict]]:
+    """Within, in this thread: each launch compiled ahead is noted; on leaving, the list given
+    holds them, each once, in a JSON-ready form (for `replay` in a later process)."""
+    noted: Dict[str, dict] = {}
+    calls: List[dict] = []
+    _STATE.noted = noted
+    try:
+        yield calls
+    finally:
+        _STATE.noted = None
+        calls.extend(noted.values())
 
 
 def replay(calls: List[dict], module, n_threads: int = 0) -> int:
-    """Compiles ahead, side by side, the kernels of `module` that `calls` (from `launches()`
-    of an earlier process) describe; returns how many it asked for. A description that no
+    """Compiles ahead, side by side, the kernels of `module` that `calls` (from `noting()`
+    in an earlier process) describe; returns how many it asked for. A description that no
     longer fits the code is skipped: that kernel is compiled at its first use instead."""
     asked = 0
     with compiling(n_threads):

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from llama.kernels import tuning
-from llama.kernels.ahead import compiling, launch, launches, replay, warm_up  # noqa: F401 (the rest: for llama.kernels)
+from llama.kernels.ahead import compiling, launch, noting, replay, warm_up  # noqa: F401 (the rest: for llama.kernels)
 
 # float32 bit patterns: 2^23 + u for 0 <= u < 2^23
 MAGIC = tl.constexpr(0x4B000000)
