@@ -28,6 +28,7 @@ from common import (SHAPES, TOKENIZER, bytes_per_token, copy_bandwidth, fast_dec
                     no_eos, random_model, spec_for, sync_time, with_fairscale_layers)
 
 from llama import Llama  # noqa: E402
+from llama.kernels import ahead  # noqa: E402
 from llama.config import ModelArgs  # noqa: E402
 from llama.distributed import choose_device, init_model_parallel, shutdown, silence_other_ranks  # noqa: E402
 from llama.fast import FaithfulDecoder  # noqa: E402
@@ -106,6 +107,8 @@ def main():
                    help="reference-style rows: reference, reference-fairscale (empty: none)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported")
     p.add_argument("--no_agreement", action="store_true")
+    p.add_argument("--pdl", default=None,
+                   help="ours once per launch mode, comma-separated (llama.kernels.ahead.pdl: 0 plain, 1 dependent)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
@@ -133,26 +136,36 @@ def main():
         torch.cuda.empty_cache()
     n_reference = len(rows)
 
+    modes = [int(m) for m in a.pdl.split(",")] if a.pdl else [None]
     for fmt in a.formats.split(","):
         spec = spec_for(fmt, args)
         args.max_seq_len, args.max_batch_size = 256, max(batch_sizes)
         model = random_model(args, torch.bfloat16, spec, world, rank)
-        label = f"ours ({fmt}, fast path{f', {world} GPUs' if world > 1 else ''})"
-        decoder = fast_decoder(model, torch.bfloat16, spec)
-        llama = Llama(model, tokenizer, decoder)
-        prep, _ = sync_time(lambda: llama.generate([[1, 2, 3]], max_gen_len=2, temperature=0))
-        rows.append(bench(label, llama, batch_sizes, a.repeats, bytes_per_token(args, spec) // world, bandwidth, prep))
+        seq = None
         if not a.no_agreement:  # the same seeded weights, untransformed, on the faithful forward
             faithful = Llama(random_model(args, torch.bfloat16, spec, world, rank), tokenizer)
             with torch.inference_mode():
                 seq, _ = faithful.generate([list(range(1000, 1000 + PROMPT_LEN))] * 2, max_gen_len=240,
                                            temperature=0, echo=True)
-            rows[-1]["agreement"] = agreement(faithful.decoder, decoder, torch.tensor(seq, device="cuda"), PROMPT_LEN)
-            print(f"{label}: teacher-forced greedy agreement with the faithful forward over 240 positions: "
-                  f"{rows[-1]['agreement']:.3f}", flush=True)
+        decoder = fast_decoder(model, torch.bfloat16, spec)
+        llama = Llama(model, tokenizer, decoder)
+        for mode in modes:
+            label = f"ours ({fmt}, fast path{f', {world} GPUs' if world > 1 else ''}{'' if mode is None else f', launches {mode}'})"
+            if mode is not None:
+                ahead.set_pdl(mode)
+                decoder.setup_cache(max(batch_sizes), 256)  # graphs recorded again
+            prep, _ = sync_time(lambda: llama.generate([[1, 2, 3]], max_gen_len=2, temperature=0))
+            rows.append(bench(label, llama, batch_sizes, a.repeats, bytes_per_token(args, spec) // world, bandwidth,
+                              prep))
+            if seq is not None:
+                rows[-1]["agreement"] = agreement(faithful.decoder, decoder, torch.tensor(seq, device="cuda"),
+                                                  PROMPT_LEN)
+                print(f"{label}: teacher-forced greedy agreement with the faithful forward over 240 positions: "
+                      f"{rows[-1]['agreement']:.3f}", flush=True)
+            rows[-1]["prefill_ms"] = prefill_ms(llama)
+            print(json.dumps(rows[-1]), flush=True)
+        if seq is not None:
             del faithful
-        rows[-1]["prefill_ms"] = prefill_ms(llama)
-        print(json.dumps(rows[-1]), flush=True)
         del model, llama, decoder
         torch.cuda.empty_cache()
 

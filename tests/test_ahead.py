@@ -115,3 +115,57 @@ def test_noted_launches_are_kept_in_the_start_up_cache(monkeypatch, tmp_path):
         ahead.launch(kernel, (1,))(torch.zeros(4), 8, BLOCK=16)
         raise ValueError("a failed prepare")
     assert cache.load_json("launches-failed") is None  # nothing kept after an error
+
+
+def test_dependent_launches_only_for_kernels_that_wait(monkeypatch):
+    ahead = pytest.importorskip("llama.kernels.ahead")
+    waits, plain = _FakeKernel(), _FakeKernel()
+    waits.arg_names = ["x_ptr", "BLOCK", "PDL"]
+    monkeypatch.setattr(ahead, "_PDL", 1)
+    with ahead.compiling(1):
+        ahead.launch(waits, (1,))(torch.zeros(4), BLOCK=16)
+        ahead.launch(plain, (1,))(torch.zeros(4), BLOCK=16)
+    assert waits.warmups[0][1] == {"BLOCK": 16, "PDL": True, "launch_pdl": True}
+    assert plain.warmups[0][1] == {"BLOCK": 16}
+    monkeypatch.setattr(ahead, "_PDL", 0)
+    with ahead.compiling(1):
+        ahead.launch(waits, (1,))(torch.zeros(4), BLOCK=16)
+    assert waits.warmups[1][1] == {"BLOCK": 16}
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(ahead, "_PDL", None)
+        assert ahead.pdl() == 0  # no GPU: plain launches
+
+
+@pytest.mark.gpu
+def test_dependent_launches_in_a_graph_give_the_plain_results():
+    from llama.kernels import ahead
+    from llama.kernels import triton_kernels as T
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launches need a Hopper GPU or later")
+    torch.manual_seed(0)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    w2 = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    g = torch.rand(4096, device="cuda", dtype=torch.bfloat16)
+
+    def chain():  # each kernel reads what the one before it wrote
+        h = T.gemv(x, w1, None, None, "float", True, norm=(g, 1e-5))
+        y = T.gemv(T.rms_norm(h, g, 1e-5), w2, None, None, "float", False, residual=x)
+        return T.rms_norm(y, g, 1e-5)
+
+    try:
+        ahead.set_pdl(0)
+        plain = chain()
+        ahead.set_pdl(1)
+        assert ahead.pdl() == 1
+        chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    finally:
+        ahead._PDL = None  # as the environment says again

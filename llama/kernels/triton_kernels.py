@@ -23,6 +23,7 @@ this GPU and kept in the cache folder), never from autotuning at run time.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from llama.kernels import tuning
 from llama.kernels.ahead import compiling, launch, noting, replay, warm_up  # noqa: F401 (the rest: for llama.kernels)
@@ -40,6 +41,17 @@ def _ld(ptr, mask, EVEN: tl.constexpr):
     else:
         v = tl.load(ptr, mask=mask, other=0)
     return v
+
+
+@triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """With PDL (the kernel launched as a programmatic dependent launch, Hopper and later):
+    waits until the kernel before it has finished and its writes are visible, then lets the
+    kernel after it start launching. Every kernel here calls it before it reads an activation
+    or writes anything; only weights may be read before."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -141,13 +153,15 @@ def _rows_dot(x_ptr, g_ptr, rstd, w_ptr, s_ptr, z_ptr, rn, n_ok, K, s_stride,
 @triton.jit
 def _gemv_kernel(x_ptr, g_ptr, eps, w_ptr, s_ptr, z_ptr, r_ptr, y_ptr, N, K, H, s_stride,
                  FMT: tl.constexpr, GATED: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr,
-                 RESIDUAL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 RESIDUAL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
     """y = W @ x for one row x. FMT 0: 16-bit W (N, K); 1: int8 W viewed as int32 words (N, K // 4)
     with scale (N,); 2: int4 W viewed as int32 words (N, K // 8), scales and zeros (N, K // GROUP).
     NORM: x is first RMSNorm'ed with weight g. GATED: rows n and H + n of W give
     y[n] = silu(a) * b (N = H outputs). RESIDUAL: y += r."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
+    _wait_for_inputs(PDL)
     rstd = 1.0
     if NORM:
         rstd = _rstd(x_ptr, K, eps, 1024)
@@ -195,7 +209,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str, gated: bool, 
 def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, s_stride,
                 FMT: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr, BF16: tl.constexpr,
                 FOLD: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """y (M, N) = x (M, K) @ dequant(W).T on tensor cores. FMT 1: int8 W (N, K), scale (N,);
     2: int4 W packed (N, K // 2), scales and zeros (N, K // GROUP); with FOLD, BLOCK_K <= GROUP
     (a tile within one group), else BLOCK_K a multiple of GROUP or a part of one. BF16: x is
@@ -205,6 +219,7 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, s_stride,
     product's first operand, which Hopper's tensor cores take from registers, and x (a few
     rows) as the second, read from shared memory. On the H200 that made int4 products of 16
     and 64 rows 1.2-5x faster and int8's about 10% slower, so int4 products are swapped."""
+    _wait_for_inputs(PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -290,9 +305,10 @@ def qmm(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str, group: int = 1
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, s_stride, FMT: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """out (N, K) 16 bit = dequant(W) for rows [pid_n * BLOCK_N, ...) and columns of this program
     (int4: BLOCK_K a multiple of GROUP; each group's scale and zero read once)."""
+    _wait_for_inputs(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -357,7 +373,8 @@ def chunked_dequant_mm(x: torch.Tensor, w: torch.Tensor, scale, zeros, fmt: str,
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
@@ -378,7 +395,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(y_ptr, out_ptr, H, BLOCK: tl.constexpr):
+def _silu_mul_kernel(y_ptr, out_ptr, H, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _wait_for_inputs(PDL)
     row, pid = tl.program_id(0), tl.program_id(1)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     ok = cols < H
@@ -401,9 +419,10 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, rope_ptr, pos_ptr, rows_ptr, kv_ptr, qo_ptr, ko_ptr,
                        seqlen, pos_row_stride, q_bs, q_ts, k_bs, k_ts, v_bs, v_ts,
                        cache_b_stride, cache_s_stride, kv_half, H, HKV,
-                       HAS_ROWS: tl.constexpr, HALF_D: tl.constexpr):
+                       HAS_ROWS: tl.constexpr, HALF_D: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (token, head): q heads 0..H-1 are rotated into qo; kv heads H..H+HKV-1
     have k rotated into ko and the cache, v copied into the cache."""
+    _wait_for_inputs(PDL)
     tok, head = tl.program_id(0), tl.program_id(1)
     b = tok // seqlen
     t = tok % seqlen
@@ -461,9 +480,10 @@ def rope_and_store(xq, xk, xv, rope, positions, kv, rows):
 def _decode_attn_kernel(q_ptr, kv_ptr, pos_ptr, rows_ptr, part_ptr, ml_ptr, pos_row_stride,
                         cache_b_stride, cache_s_stride, kv_half, scale, H, HKV, SPLITS, chunk,
                         HAS_ROWS: tl.constexpr, N_REP: tl.constexpr, BLOCK_H: tl.constexpr,
-                        D: tl.constexpr, BLOCK_S: tl.constexpr):
+                        D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """Program (b, kv head, split): the split's cache positions up to the row's own, for the
     N_REP q heads sharing this kv head; writes unnormalised partial outputs and (max, sum)."""
+    _wait_for_inputs(PDL)
     b, hk, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pos = tl.load(pos_ptr + b * pos_row_stride)
     if HAS_ROWS:
@@ -500,8 +520,10 @@ def _decode_attn_kernel(q_ptr, kv_ptr, pos_ptr, rows_ptr, part_ptr, ml_ptr, pos_
 
 
 @triton.jit
-def _combine_kernel(part_ptr, ml_ptr, o_ptr, SPLITS, BLOCK_SPLITS: tl.constexpr, D: tl.constexpr):
+def _combine_kernel(part_ptr, ml_ptr, o_ptr, SPLITS, BLOCK_SPLITS: tl.constexpr, D: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """Program (b * H + h): combines the splits' partial softmax sums."""
+    _wait_for_inputs(PDL)
     bh = tl.program_id(0)
     sp = tl.arange(0, BLOCK_SPLITS)
     ok = sp < SPLITS
