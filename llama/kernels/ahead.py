@@ -62,28 +62,17 @@ def pdl() -> int:
     kernel's programs start while the one before it finishes, and wait there for its results;
     on the H200 the 7B's bf16 decode went from 245 to 254 tokens/s, int4's from 403 to 407),
     else 0. $LLAMA_PDL=0 turns it off."""
-    global _PDL
     if _PDL is None:
-        capable = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-                   and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
-        _PDL = int(capable and os.environ.get("LLAMA_PDL", "1").strip() != "0")
+        set_pdl(os.environ.get("LLAMA_PDL", "1").strip() != "0")
     return _PDL
 
 
-def set_pdl(mode: int) -> None:
-    """Launches from now on as `pdl()` mode `mode` would make them (on a GPU that has it), for
-    comparing the modes in one process; graphs recorded before keep their launches."""
+def set_pdl(on: bool) -> None:
+    """Launches from now on dependent (`on`, where the GPU has it) or plain, for comparing the
+    two in one process; graphs recorded before keep their launches."""
     global _PDL
-    _PDL = None
-    saved = os.environ.get("LLAMA_PDL")
-    os.environ["LLAMA_PDL"] = str(mode)
-    try:
-        pdl()
-    finally:
-        if saved is None:
-            del os.environ["LLAMA_PDL"]
-        else:
-            os.environ["LLAMA_PDL"] = saved
+    _PDL = int(bool(on) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+               and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
 def _note(kernel, args, kwargs) -> None:
